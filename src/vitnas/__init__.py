@@ -1,0 +1,28 @@
+"""vitnas: design efficient vision transformers by search and distillation.
+
+`vitnas.space` is importable without torch; the torch-backed names below load on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from vitnas.space import ArchConfig, SearchSpace
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "ViTSupernet": "vitnas.supernet",
+    "VisionTransformer": "vitnas.models",
+    "load_autoformer": "vitnas.compat.autoformer",
+    "ViTCostModel": "vitnas.costs",
+}
+
+__all__ = ["ArchConfig", "SearchSpace", "__version__", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'vitnas' has no attribute {name!r}")

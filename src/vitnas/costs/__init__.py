@@ -1,0 +1,5 @@
+"""Cost models: analytic parameter and MAC counts (measured latency comes later)."""
+
+from vitnas.costs.vit import ViTCostModel
+
+__all__ = ["ViTCostModel"]

@@ -1,0 +1,243 @@
+"""Search spaces: the only place where legal architecture values are defined."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vitnas.space.arch import ArchConfig
+
+__all__ = ["SearchSpace"]
+
+# Searchable dimensions: SearchSpace field name -> ArchConfig field it constrains.
+SPACE_DIMS = {
+    "embed_dim": "embed_dim",
+    "depth": "depth",
+    "mlp_ratio": "mlp_ratios",
+    "num_heads": "num_heads",
+}
+
+
+def _choices(value: Any, name: str, kind: type) -> tuple:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = (value,)
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or not value:
+        raise ValueError(f"{name} must be a non-empty list of choices, got {value!r}")
+    out = []
+    for v in value:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
+            raise ValueError(f"{name} choices must be positive numbers, got {v!r}")
+        if kind is int and int(v) != v:
+            raise ValueError(f"{name} choices must be integers, got {v!r}")
+        out.append(kind(v))
+    if len(set(out)) != len(out):
+        raise ValueError(f"{name} choices contain duplicates: {out}")
+    return tuple(sorted(out))
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """Choices per dimension plus the supernet's capacity and model defaults.
+
+    `max_*` is the supernet's capacity; it defaults to the largest choice but may exceed it, as in
+    AutoFormer (the tiny supernet is 256 wide while its largest choice is 240). `img_size`,
+    `patch_size`, `head_dim` and `rel_pos_max` are the defaults a supernet built on this space uses.
+    """
+
+    embed_dim: tuple[int, ...]
+    depth: tuple[int, ...]
+    mlp_ratio: tuple[float, ...]
+    num_heads: tuple[int, ...]
+    max_embed_dim: int | None = None
+    max_depth: int | None = None
+    max_mlp_ratio: float | None = None
+    max_num_heads: int | None = None
+    head_dim: int = 64
+    img_size: int = 224
+    patch_size: int = 16
+    rel_pos_max: int = 14
+    name: str = "custom"
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        set_(self, "embed_dim", _choices(self.embed_dim, "embed_dim", int))
+        set_(self, "depth", _choices(self.depth, "depth", int))
+        set_(self, "mlp_ratio", _choices(self.mlp_ratio, "mlp_ratio", float))
+        set_(self, "num_heads", _choices(self.num_heads, "num_heads", int))
+        for dim, kind in (("embed_dim", int), ("depth", int), ("mlp_ratio", float), ("num_heads", int)):
+            cap_name = f"max_{dim}"
+            cap = getattr(self, cap_name)
+            largest = max(getattr(self, dim))
+            cap = largest if cap is None else kind(cap)
+            if cap < largest:
+                raise ValueError(f"{cap_name}={cap} is smaller than the largest {dim} choice {largest}")
+            set_(self, cap_name, cap)
+        for name in ("head_dim", "img_size", "patch_size", "rel_pos_max"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+    # -- presets and files -------------------------------------------------------------------------
+    @classmethod
+    def preset(cls, name: str) -> SearchSpace:
+        """`autoformer-tiny`, `autoformer-small`, `autoformer-base` (the reference spaces) or `cifar`."""
+        from vitnas.space.presets import PRESETS
+
+        try:
+            return PRESETS[name]
+        except KeyError:
+            raise ValueError(f"unknown search space preset {name!r}; choose one of {sorted(PRESETS)}") from None
+
+    @staticmethod
+    def presets() -> list[str]:
+        from vitnas.space.presets import PRESETS
+
+        return sorted(PRESETS)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> SearchSpace:
+        """Read our format or an AutoFormer config (`SUPERNET` + `SEARCH_SPACE` sections)."""
+        from vitnas.space.yaml_io import read_space_yaml
+
+        return read_space_yaml(path)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in fields(self)}
+
+    def to_yaml(self, path: str | Path | None = None) -> str:
+        from vitnas.space.yaml_io import dump_yaml
+
+        return dump_yaml(self.to_dict(), path)
+
+    def with_(self, **changes: Any) -> SearchSpace:
+        return replace(self, **changes)
+
+    # -- membership --------------------------------------------------------------------------------
+    def violations(self, arch: ArchConfig) -> list[str]:
+        """Every way `arch` leaves the choices, as messages naming dimension, value and choices."""
+        out = []
+        if arch.embed_dim not in self.embed_dim:
+            out.append(f"embed_dim={arch.embed_dim} is not one of the allowed choices {list(self.embed_dim)}")
+        if arch.depth not in self.depth:
+            out.append(f"depth={arch.depth} is not one of the allowed choices {list(self.depth)}")
+        for i, r in enumerate(arch.mlp_ratios):
+            if r not in self.mlp_ratio:
+                out.append(f"mlp_ratios[{i}]={r:g} is not one of the allowed choices {list(self.mlp_ratio)}")
+        for i, h in enumerate(arch.num_heads):
+            if h not in self.num_heads:
+                out.append(f"num_heads[{i}]={h} is not one of the allowed choices {list(self.num_heads)}")
+        return out
+
+    def contains(self, arch: ArchConfig) -> bool:
+        return not self.violations(arch)
+
+    def __contains__(self, arch: object) -> bool:
+        return isinstance(arch, ArchConfig) and self.contains(arch)
+
+    def validate(self, arch: ArchConfig) -> ArchConfig:
+        """Return `arch` or raise ValueError naming the first dimension outside the space."""
+        problems = self.violations(arch)
+        if problems:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise ValueError(f"arch outside search space {self.name!r}: {problems[0]}{more}")
+        return arch
+
+    def capacity_violations(self, arch: ArchConfig) -> list[str]:
+        """Ways `arch` does not fit the supernet's weights (a looser test than `contains`)."""
+        out = []
+        if arch.embed_dim > self.max_embed_dim:
+            out.append(f"embed_dim={arch.embed_dim} exceeds the supernet's max_embed_dim={self.max_embed_dim}")
+        if arch.depth > self.max_depth:
+            out.append(f"depth={arch.depth} exceeds the supernet's max_depth={self.max_depth}")
+        max_hidden = int(self.max_embed_dim * self.max_mlp_ratio)
+        for i, hidden in enumerate(arch.hidden_dims()):
+            if hidden > max_hidden:
+                out.append(
+                    f"mlp_ratios[{i}]={arch.mlp_ratios[i]:g} gives FFN width {hidden} above the supernet's "
+                    f"{max_hidden} (max_embed_dim={self.max_embed_dim} x max_mlp_ratio={self.max_mlp_ratio:g})"
+                )
+        for i, h in enumerate(arch.num_heads):
+            if h > self.max_num_heads:
+                out.append(f"num_heads[{i}]={h} exceeds the supernet's max_num_heads={self.max_num_heads}")
+        return out
+
+    # -- sampling and evolution --------------------------------------------------------------------
+    def sample(self, rng: np.random.Generator) -> ArchConfig:
+        """Uniform sample as AutoFormer does: depth, then per-layer mlp ratio and heads, then width."""
+        depth = int(rng.choice(self.depth))
+        return ArchConfig(
+            embed_dim=int(rng.choice(self.embed_dim)),
+            depth=depth,
+            mlp_ratios=tuple(float(v) for v in rng.choice(self.mlp_ratio, size=depth)),
+            num_heads=tuple(int(v) for v in rng.choice(self.num_heads, size=depth)),
+        )
+
+    def mutate(
+        self,
+        arch: ArchConfig,
+        rng: np.random.Generator,
+        *,
+        layer_prob: float = 0.2,
+        depth_prob: float = 0.4,
+        embed_prob: float = 0.4,
+    ) -> ArchConfig:
+        """AutoFormer's mutation: depth (new layers drawn at random, extra ones dropped), then each
+        layer's mlp ratio and heads with `layer_prob`, then the embedding width."""
+        depth = arch.depth
+        mlp = list(arch.mlp_ratios)
+        heads = list(arch.num_heads)
+        if rng.random() < depth_prob:
+            depth = int(rng.choice(self.depth))
+            grow = depth - len(mlp)
+            if grow > 0:
+                mlp += [float(v) for v in rng.choice(self.mlp_ratio, size=grow)]
+                heads += [int(v) for v in rng.choice(self.num_heads, size=grow)]
+            mlp, heads = mlp[:depth], heads[:depth]
+        for i in range(depth):
+            if rng.random() < layer_prob:
+                mlp[i] = float(rng.choice(self.mlp_ratio))
+        for i in range(depth):
+            if rng.random() < layer_prob:
+                heads[i] = int(rng.choice(self.num_heads))
+        embed = arch.embed_dim
+        if rng.random() < embed_prob:
+            embed = int(rng.choice(self.embed_dim))
+        return ArchConfig(embed_dim=embed, depth=depth, mlp_ratios=tuple(mlp), num_heads=tuple(heads))
+
+    def crossover(self, a: ArchConfig, b: ArchConfig, rng: np.random.Generator) -> ArchConfig:
+        """Uniform crossover, gene by gene. AutoFormer only crosses parents of equal depth; for
+        unequal depths the child takes one parent's depth and layers only that parent has."""
+        depth = a.depth if a.depth == b.depth else int(rng.choice([a.depth, b.depth]))
+        longer = a if a.depth >= b.depth else b
+
+        def pick(x: Any, y: Any) -> Any:
+            return x if rng.random() < 0.5 else y
+
+        mlp, heads = [], []
+        for i in range(depth):
+            if i < min(a.depth, b.depth):
+                mlp.append(pick(a.mlp_ratios[i], b.mlp_ratios[i]))
+                heads.append(pick(a.num_heads[i], b.num_heads[i]))
+            else:
+                mlp.append(longer.mlp_ratios[i])
+                heads.append(longer.num_heads[i])
+        embed = pick(a.embed_dim, b.embed_dim)
+        return ArchConfig(embed_dim=embed, depth=depth, mlp_ratios=tuple(mlp), num_heads=tuple(heads))
+
+    # -- extremes and size -------------------------------------------------------------------------
+    def smallest(self) -> ArchConfig:
+        d = min(self.depth)
+        return ArchConfig(min(self.embed_dim), d, (min(self.mlp_ratio),) * d, (min(self.num_heads),) * d)
+
+    def largest(self) -> ArchConfig:
+        d = max(self.depth)
+        return ArchConfig(max(self.embed_dim), d, (max(self.mlp_ratio),) * d, (max(self.num_heads),) * d)
+
+    def size(self) -> int:
+        """Number of distinct archs (exact integer)."""
+        per_layer = len(self.mlp_ratio) * len(self.num_heads)
+        return len(self.embed_dim) * sum(per_layer**d for d in self.depth)

@@ -1,0 +1,306 @@
+"""AutoFormer's weight-entangled ViT supernet.
+
+Every layer holds the largest weights; a subnet uses the leading slice of each (see
+`vitnas.nn.slicing`). The active architecture is set explicitly (`set_active` or
+`with net.active(arch):`) and read by `forward`; nothing is pushed into layers behind the scenes.
+`extract(arch)` returns a plain `VisionTransformer` whose state dict is made of the very slices the
+supernet's forward uses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vitnas.costs.vit import ViTCostModel
+from vitnas.models.vit import PatchEmbed, VisionTransformer, init_vit_weights, patch_grid, to_2tuple
+from vitnas.nn.functional import RelPosInputs, attention, drop_path, mlp
+from vitnas.nn.relpos import RelativePosition2D, relpos_index
+from vitnas.nn.slicing import QKV_LAYOUTS, slice_linear, slice_qkv, slice_vector
+from vitnas.space.arch import ArchConfig
+from vitnas.space.space import SearchSpace
+
+__all__ = ["ViTSupernet"]
+
+log = logging.getLogger(__name__)
+
+
+class SuperAttention(nn.Module):
+    def __init__(self, max_dim: int, max_heads: int, head_dim: int, qkv_bias: bool, rel_pos_max: int | None,
+                 qkv_layout: str) -> None:
+        super().__init__()
+        self.head_dim = head_dim
+        self.scale = head_dim**-0.5
+        self.qkv_layout = qkv_layout
+        self.qkv = nn.Linear(max_dim, 3 * max_heads * head_dim, bias=qkv_bias)
+        self.proj = nn.Linear(max_heads * head_dim, max_dim)
+        self.rel_pos_k = RelativePosition2D(head_dim, rel_pos_max) if rel_pos_max else None
+        self.rel_pos_v = RelativePosition2D(head_dim, rel_pos_max) if rel_pos_max else None
+
+    def active_params(self, dim: int, heads: int) -> dict[str, Tensor]:
+        """The subnet's parameters, named as in `vitnas.models.vit.Attention`."""
+        qw, qb = slice_qkv(self.qkv.weight, self.qkv.bias, heads, self.head_dim, dim, self.qkv_layout)
+        pw, pb = slice_linear(self.proj.weight, self.proj.bias, dim, heads * self.head_dim)
+        out = {"qkv.weight": qw, "proj.weight": pw, "proj.bias": pb}
+        if qb is not None:
+            out["qkv.bias"] = qb
+        for name in ("rel_pos_k", "rel_pos_v"):
+            rp = getattr(self, name)
+            if rp is not None:
+                out[f"{name}.table_v"] = rp.table_v[:, : self.head_dim]
+                out[f"{name}.table_h"] = rp.table_h[:, : self.head_dim]
+        return out
+
+    def forward(self, x: Tensor, grid: tuple[int, int], dim: int, heads: int, attn_drop: float,
+                proj_drop: float) -> Tensor:
+        p = self.active_params(dim, heads)
+        rp = None
+        if self.rel_pos_k is not None:
+            index = relpos_index(grid, self.rel_pos_k.max_distance, x.shape[1] - grid[0] * grid[1], x.device)
+            rp = RelPosInputs(index, self.rel_pos_k.tables(self.head_dim), self.rel_pos_v.tables(self.head_dim))
+        return attention(
+            x, p["qkv.weight"], p.get("qkv.bias"), p["proj.weight"], p["proj.bias"], num_heads=heads,
+            head_dim=self.head_dim, scale=self.scale, relpos=rp, attn_drop=attn_drop, proj_drop=proj_drop,
+            training=self.training,
+        )
+
+
+class SuperMlp(nn.Module):
+    def __init__(self, max_dim: int, max_hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(max_dim, max_hidden)
+        self.fc2 = nn.Linear(max_hidden, max_dim)
+
+    def active_params(self, dim: int, hidden: int) -> dict[str, Tensor]:
+        w1, b1 = slice_linear(self.fc1.weight, self.fc1.bias, hidden, dim)
+        w2, b2 = slice_linear(self.fc2.weight, self.fc2.bias, dim, hidden)
+        return {"fc1.weight": w1, "fc1.bias": b1, "fc2.weight": w2, "fc2.bias": b2}
+
+    def forward(self, x: Tensor, dim: int, hidden: int, drop: float) -> Tensor:
+        p = self.active_params(dim, hidden)
+        return mlp(x, p["fc1.weight"], p["fc1.bias"], p["fc2.weight"], p["fc2.bias"], drop=drop,
+                   training=self.training)
+
+
+def _ln_params(norm: nn.LayerNorm, dim: int) -> dict[str, Tensor]:
+    return {"weight": norm.weight[:dim], "bias": norm.bias[:dim]}
+
+
+def _prefixed(prefix: str, params: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {f"{prefix}.{k}": v for k, v in params.items()}
+
+
+class SuperBlock(nn.Module):
+    def __init__(self, max_dim: int, max_heads: int, max_hidden: int, head_dim: int, qkv_bias: bool,
+                 rel_pos_max: int | None, norm_eps: float, qkv_layout: str, drop_path: float) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(max_dim, eps=norm_eps)
+        self.attn = SuperAttention(max_dim, max_heads, head_dim, qkv_bias, rel_pos_max, qkv_layout)
+        self.norm2 = nn.LayerNorm(max_dim, eps=norm_eps)
+        self.mlp = SuperMlp(max_dim, max_hidden)
+        self.drop_path = drop_path
+        self.norm_eps = norm_eps
+
+    def active_params(self, dim: int, heads: int, hidden: int) -> dict[str, Tensor]:
+        return {
+            **_prefixed("norm1", _ln_params(self.norm1, dim)),
+            **_prefixed("attn", self.attn.active_params(dim, heads)),
+            **_prefixed("norm2", _ln_params(self.norm2, dim)),
+            **_prefixed("mlp", self.mlp.active_params(dim, hidden)),
+        }
+
+    def forward(self, x: Tensor, grid: tuple[int, int], dim: int, heads: int, hidden: int, drop: float,
+                attn_drop: float) -> Tensor:
+        h = F.layer_norm(x, (dim,), self.norm1.weight[:dim], self.norm1.bias[:dim], self.norm_eps)
+        x = x + drop_path(self.attn(h, grid, dim, heads, attn_drop, drop), self.drop_path, self.training)
+        h = F.layer_norm(x, (dim,), self.norm2.weight[:dim], self.norm2.bias[:dim], self.norm_eps)
+        return x + drop_path(self.mlp(h, dim, hidden, drop), self.drop_path, self.training)
+
+
+class ViTSupernet(nn.Module):
+    """Weight-entangled ViT supernet over a `SearchSpace`.
+
+    Options follow AutoFormer's published runs: q/k/v width `num_heads * head_dim` (head_dim 64 by
+    default, taken from the space), 2-D relative position on keys and values, absolute position
+    embedding, global average pooling, LayerNorm eps 1e-5, drop-path growing linearly over the
+    supernet depth, dropout scaled by embed_dim / max_embed_dim. `qkv_layout="autoformer"`
+    reproduces the reference's q/k/v slicing (used when loading its checkpoints).
+
+    The supernet runs any arch that fits its weights (`SearchSpace.capacity_violations`), which is
+    looser than the space's choices: AutoFormer's own published T subnet uses mlp_ratio 3.0.
+    """
+
+    def __init__(
+        self,
+        space: SearchSpace,
+        img_size: int | None = None,
+        patch_size: int | None = None,
+        num_classes: int = 1000,
+        *,
+        in_chans: int = 3,
+        qkv_bias: bool = True,
+        rel_pos: bool = True,
+        rel_pos_max: int | None = None,
+        abs_pos: bool = True,
+        global_pool: str = "avg",
+        norm_eps: float = 1e-5,
+        drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        qkv_layout: str = "standard",
+    ) -> None:
+        super().__init__()
+        if qkv_layout not in QKV_LAYOUTS:
+            raise ValueError(f"qkv_layout={qkv_layout!r}; expected one of {QKV_LAYOUTS}")
+        if global_pool not in ("avg", "token"):
+            raise ValueError(f"global_pool={global_pool!r}; expected 'avg' or 'token'")
+        self.space = space
+        img_size = space.img_size if img_size is None else img_size
+        patch_size = space.patch_size if patch_size is None else patch_size
+        rel_pos_max = space.rel_pos_max if rel_pos_max is None else rel_pos_max
+        self.img_size = to_2tuple(img_size)
+        self.patch_size = patch_size
+        self.grid = patch_grid(img_size, patch_size)
+        self.num_classes = num_classes
+        self.head_dim = space.head_dim
+        self.global_pool = global_pool
+        self.drop_rate = drop_rate
+        self.attn_drop_rate = attn_drop_rate
+        self.qkv_layout = qkv_layout
+        self.max_embed_dim = E = space.max_embed_dim
+        self.max_depth = space.max_depth
+        self.max_hidden = int(E * space.max_mlp_ratio)
+        # Everything a static subnet needs besides its arch (passed on by `extract`).
+        self.model_kwargs: dict[str, Any] = dict(
+            img_size=list(self.img_size), patch_size=patch_size, in_chans=in_chans, num_classes=num_classes,
+            head_dim=space.head_dim, qkv_bias=qkv_bias, rel_pos=rel_pos, rel_pos_max=rel_pos_max,
+            abs_pos=abs_pos, global_pool=global_pool, norm_eps=norm_eps,
+        )
+        self.drop_path_rates = [drop_path_rate * i / max(self.max_depth - 1, 1) for i in range(self.max_depth)]
+        num_patches = self.grid[0] * self.grid[1]
+        self.patch_embed = PatchEmbed(patch_size, in_chans, E)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, E))
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, E)) if abs_pos else None
+        self.blocks = nn.ModuleList(
+            SuperBlock(E, space.max_num_heads, self.max_hidden, space.head_dim, qkv_bias,
+                       rel_pos_max if rel_pos else None, norm_eps, qkv_layout, self.drop_path_rates[i])
+            for i in range(self.max_depth)
+        )
+        self.norm = nn.LayerNorm(E, eps=norm_eps)
+        self.head = nn.Linear(E, num_classes) if num_classes > 0 else nn.Identity()
+        if self.pos_embed is not None:
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        self.apply(init_vit_weights)
+        self.costs = ViTCostModel(
+            img_size=self.img_size, patch_size=patch_size, in_chans=in_chans, num_classes=num_classes,
+            head_dim=space.head_dim, qkv_bias=qkv_bias, rel_pos_max=rel_pos_max if rel_pos else None,
+            abs_pos=abs_pos,
+        )
+        self._arch = space.largest()
+
+    # -- the active architecture -------------------------------------------------------------------
+    @property
+    def arch(self) -> ArchConfig:
+        return self._arch
+
+    def check_arch(self, arch: ArchConfig) -> ArchConfig:
+        if not isinstance(arch, ArchConfig):
+            raise TypeError(f"expected an ArchConfig, got {type(arch).__name__}")
+        problems = self.space.capacity_violations(arch)
+        if problems:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise ValueError(f"arch does not fit the supernet: {problems[0]}{more}")
+        return arch
+
+    def set_active(self, arch: ArchConfig) -> None:
+        self._arch = self.check_arch(arch)
+
+    @contextlib.contextmanager
+    def active(self, arch: ArchConfig) -> Iterator[ViTSupernet]:
+        """`with net.active(arch): net(x)` runs `arch` and restores the previous arch afterwards."""
+        previous = self._arch
+        self.set_active(arch)
+        try:
+            yield self
+        finally:
+            self._arch = previous
+
+    # -- forward -----------------------------------------------------------------------------------
+    def forward_features(self, x: Tensor) -> Tensor:
+        arch = self._arch
+        e = arch.embed_dim
+        grid = (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
+        if grid != self.grid:
+            raise ValueError(f"input of {tuple(x.shape[-2:])} pixels gives a {grid} patch grid; "
+                             f"this supernet was built for {self.grid}")
+        scale = e / self.max_embed_dim  # AutoFormer scales dropout with the active width
+        drop, attn_drop = self.drop_rate * scale, self.attn_drop_rate * scale
+        x = F.conv2d(x, self.patch_embed.proj.weight[:e], self.patch_embed.proj.bias[:e],
+                     stride=self.patch_size).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token[..., :e].expand(x.shape[0], -1, -1), x], dim=1)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed[..., :e]
+        if drop and self.training:
+            x = F.dropout(x, drop, training=True)
+        for block, heads, hidden in zip(self.blocks, arch.num_heads, arch.hidden_dims()):
+            x = block(x, grid, e, heads, hidden, drop, attn_drop)
+        return F.layer_norm(x, (e,), self.norm.weight[:e], self.norm.bias[:e], self.norm.eps)
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        x = x[:, 1:].mean(dim=1) if self.global_pool == "avg" else x[:, 0]
+        if pre_logits or self.num_classes == 0:
+            return x
+        w, b = slice_linear(self.head.weight, self.head.bias, self.num_classes, x.shape[-1])
+        return F.linear(x, w, b)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    # -- extraction --------------------------------------------------------------------------------
+    def active_state_dict(self, arch: ArchConfig | None = None) -> dict[str, Tensor]:
+        """The subnet's weights (views into the supernet), keyed as in `VisionTransformer`."""
+        arch = self._arch if arch is None else self.check_arch(arch)
+        e = arch.embed_dim
+        out: dict[str, Tensor] = {
+            "cls_token": self.cls_token[..., :e],
+            "patch_embed.proj.weight": self.patch_embed.proj.weight[:e],
+            "patch_embed.proj.bias": slice_vector(self.patch_embed.proj.bias, e),
+        }
+        if self.pos_embed is not None:
+            out["pos_embed"] = self.pos_embed[..., :e]
+        for i, (heads, hidden) in enumerate(zip(arch.num_heads, arch.hidden_dims())):
+            out.update(_prefixed(f"blocks.{i}", self.blocks[i].active_params(e, heads, hidden)))
+        out.update(_prefixed("norm", _ln_params(self.norm, e)))
+        if self.num_classes > 0:
+            out["head.weight"], out["head.bias"] = slice_linear(self.head.weight, self.head.bias, self.num_classes, e)
+        return out
+
+    def extract(self, arch: ArchConfig | None = None) -> VisionTransformer:
+        """A standalone `VisionTransformer` with copies of the subnet's weights (default: active arch)."""
+        arch = self._arch if arch is None else self.check_arch(arch)
+        model = VisionTransformer.from_arch(
+            arch, **self.model_kwargs, drop_rate=self.drop_rate * arch.embed_dim / self.max_embed_dim,
+            attn_drop_rate=self.attn_drop_rate * arch.embed_dim / self.max_embed_dim,
+            drop_path_rate=self.drop_path_rates[: arch.depth],
+        )
+        with torch.no_grad():
+            state = {k: v.detach().clone() for k, v in self.active_state_dict(arch).items()}
+        model.load_state_dict(state, strict=True)
+        model.train(self.training)
+        return model.to(self.cls_token.device)
+
+    # -- costs -------------------------------------------------------------------------------------
+    def num_params(self, arch: ArchConfig | None = None) -> int:
+        """Exact parameter count of the subnet (what `extract(arch)` holds), analytic."""
+        return self.costs.params(self._arch if arch is None else self.check_arch(arch))
+
+    def num_macs(self, arch: ArchConfig | None = None, img_size: int | None = None) -> int:
+        """Multiply-accumulates of one image's forward pass, analytic (see `ViTCostModel`)."""
+        return self.costs.macs(self._arch if arch is None else self.check_arch(arch), img_size=img_size)
