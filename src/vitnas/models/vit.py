@@ -89,9 +89,18 @@ class Attention(nn.Module):
             index = relpos_index(grid, self.rel_pos_k.max_distance, x.shape[1] - grid[0] * grid[1], x.device)
             rp = RelPosInputs(index, self.rel_pos_k.tables(), self.rel_pos_v.tables())
         return attention(
-            x, self.qkv.weight, self.qkv.bias, self.proj.weight, self.proj.bias,
-            num_heads=self.num_heads, head_dim=self.head_dim, scale=self.scale, relpos=rp,
-            attn_drop=self.attn_drop, proj_drop=self.proj_drop, training=self.training,
+            x,
+            self.qkv.weight,
+            self.qkv.bias,
+            self.proj.weight,
+            self.proj.bias,
+            num_heads=self.num_heads,
+            head_dim=self.head_dim,
+            scale=self.scale,
+            relpos=rp,
+            attn_drop=self.attn_drop,
+            proj_drop=self.proj_drop,
+            training=self.training,
         )
 
 
@@ -103,8 +112,9 @@ class Mlp(nn.Module):
         self.drop = drop
 
     def forward(self, x: Tensor) -> Tensor:
-        return mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, drop=self.drop,
-                   training=self.training)
+        return mlp(
+            x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, drop=self.drop, training=self.training
+        )
 
 
 class Block(nn.Module):
@@ -124,8 +134,15 @@ class Block(nn.Module):
     ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
-        self.attn = Attention(dim, num_heads, head_dim=head_dim, qkv_bias=qkv_bias, rel_pos_max=rel_pos_max,
-                              attn_drop=attn_drop, proj_drop=drop)
+        self.attn = Attention(
+            dim,
+            num_heads,
+            head_dim=head_dim,
+            qkv_bias=qkv_bias,
+            rel_pos_max=rel_pos_max,
+            attn_drop=attn_drop,
+            proj_drop=drop,
+        )
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = Mlp(dim, hidden, drop)
         self.drop_path = drop_path
@@ -172,10 +189,23 @@ class VisionTransformer(nn.Module):
             if len(dpr) != depth:
                 raise ValueError(f"drop_path_rate has {len(dpr)} entries, expected depth={depth}")
         self.config: dict[str, Any] = dict(
-            img_size=list(to_2tuple(img_size)), patch_size=patch_size, in_chans=in_chans, num_classes=num_classes,
-            embed_dim=embed_dim, depth=depth, num_heads=list(arch.num_heads), mlp_ratios=list(arch.mlp_ratios),
-            head_dim=head_dim, qkv_bias=qkv_bias, rel_pos=rel_pos, rel_pos_max=rel_pos_max, abs_pos=abs_pos,
-            global_pool=global_pool, norm_eps=norm_eps, drop_rate=drop_rate, attn_drop_rate=attn_drop_rate,
+            img_size=list(to_2tuple(img_size)),
+            patch_size=patch_size,
+            in_chans=in_chans,
+            num_classes=num_classes,
+            embed_dim=embed_dim,
+            depth=depth,
+            num_heads=list(arch.num_heads),
+            mlp_ratios=list(arch.mlp_ratios),
+            head_dim=head_dim,
+            qkv_bias=qkv_bias,
+            rel_pos=rel_pos,
+            rel_pos_max=rel_pos_max,
+            abs_pos=abs_pos,
+            global_pool=global_pool,
+            norm_eps=norm_eps,
+            drop_rate=drop_rate,
+            attn_drop_rate=attn_drop_rate,
             drop_path_rate=dpr,
         )
         self.arch = arch
@@ -191,9 +221,16 @@ class VisionTransformer(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim)) if abs_pos else None
         self.blocks = nn.ModuleList(
             Block(
-                embed_dim, h, hidden, head_dim=head_dim, qkv_bias=qkv_bias,
-                rel_pos_max=rel_pos_max if rel_pos else None, norm_eps=norm_eps, drop=drop_rate,
-                attn_drop=attn_drop_rate, drop_path=dpr[i],
+                embed_dim,
+                h,
+                hidden,
+                head_dim=head_dim,
+                qkv_bias=qkv_bias,
+                rel_pos_max=rel_pos_max if rel_pos else None,
+                norm_eps=norm_eps,
+                drop=drop_rate,
+                attn_drop=attn_drop_rate,
+                drop_path=dpr[i],
             )
             for i, (h, hidden) in enumerate(zip(arch.num_heads, arch.hidden_dims()))
         )
@@ -206,15 +243,17 @@ class VisionTransformer(nn.Module):
 
     @classmethod
     def from_arch(cls, arch: ArchConfig, **kwargs: Any) -> VisionTransformer:
-        return cls(embed_dim=arch.embed_dim, depth=arch.depth, num_heads=arch.num_heads,
-                   mlp_ratios=arch.mlp_ratios, **kwargs)
+        return cls(
+            embed_dim=arch.embed_dim, depth=arch.depth, num_heads=arch.num_heads, mlp_ratios=arch.mlp_ratios, **kwargs
+        )
 
     def forward_features(self, x: Tensor) -> Tensor:
         """Images (B, C, H, W) -> normalized tokens (B, 1 + patches, embed_dim)."""
         grid = (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
         if grid != self.grid:
-            raise ValueError(f"input of {tuple(x.shape[-2:])} pixels gives a {grid} patch grid; "
-                             f"this model was built for {self.grid}")
+            raise ValueError(
+                f"input of {tuple(x.shape[-2:])} pixels gives a {grid} patch grid; this model was built for {self.grid}"
+            )
         x = self.patch_embed(x)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         if self.pos_embed is not None:

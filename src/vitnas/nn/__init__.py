@@ -5,6 +5,15 @@ from vitnas.nn.relpos import RelativePosition2D, relpos_index, relpos_logits, re
 from vitnas.nn.slicing import slice_linear, slice_qkv, slice_vector
 
 __all__ = [
-    "RelPosInputs", "RelativePosition2D", "attention", "drop_path", "mlp", "relpos_index", "relpos_logits",
-    "relpos_values", "slice_linear", "slice_qkv", "slice_vector",
+    "RelPosInputs",
+    "RelativePosition2D",
+    "attention",
+    "drop_path",
+    "mlp",
+    "relpos_index",
+    "relpos_logits",
+    "relpos_values",
+    "slice_linear",
+    "slice_qkv",
+    "slice_vector",
 ]

@@ -67,14 +67,10 @@ def _relpos_index_cached(grid_h: int, grid_w: int, max_distance: int, num_prefix
     q_rows = row_ids.repeat_interleave(grid_w, dim=0)  # (gh*gw, gh)
     q_cols = col_ids.repeat(grid_h, 1)  # (gh*gw, gw)
     n = grid_h * grid_w
-    index = torch.cat(
-        [torch.zeros(n, 1, dtype=torch.long), q_rows, torch.full((n, 1), T), q_cols + T], dim=1
-    )
+    index = torch.cat([torch.zeros(n, 1, dtype=torch.long), q_rows, torch.full((n, 1), T), q_cols + T], dim=1)
     if num_prefix:
         # The class token's query row uses bucket 0 of both tables for every key.
-        cls_row = torch.cat(
-            [torch.zeros(1, 1 + grid_h, dtype=torch.long), torch.full((1, 1 + grid_w), T)], dim=1
-        )
+        cls_row = torch.cat([torch.zeros(1, 1 + grid_h, dtype=torch.long), torch.full((1, 1 + grid_w), T)], dim=1)
         index = torch.cat([cls_row, index], dim=0)
     return RelPosIndex(index.to(device), (grid_h, grid_w), T)
 
@@ -107,10 +103,7 @@ def relpos_values(attn: Tensor, tables: Tensor, rp: RelPosIndex) -> Tensor:
     gh, gw = rp.grid
     prefix = _num_prefix(N, rp.grid)
     a_patch = attn[..., prefix:].reshape(B, H, N, gh, gw)
-    if prefix:
-        a_cls = attn[..., :1]
-    else:
-        a_cls = attn.new_zeros(B, H, N, 1)
+    a_cls = attn[..., :1] if prefix else attn.new_zeros(B, H, N, 1)
     weights = torch.cat([a_cls, a_patch.sum(-1), a_cls, a_patch.sum(-2)], dim=-1)  # (B, H, N, 2 + gh + gw)
     buckets = attn.new_zeros(B, H, N, 2 * rp.num_buckets)
     buckets = buckets.scatter_add(-1, rp.index.expand(B, H, N, rp.index.shape[-1]), weights)

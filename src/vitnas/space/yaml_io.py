@@ -108,8 +108,12 @@ def read_arch_yaml(path: str | Path) -> ArchConfig:
             if len(set(embed)) != 1:
                 raise ValueError(f"{path}: RETRAIN.EMBED_DIM must hold one width, got {embed}")
             embed = embed[0]
-        data = {"embed_dim": embed, "depth": sub["DEPTH"], "mlp_ratios": sub["MLP_RATIO"],
-                "num_heads": sub["NUM_HEADS"]}
+        data = {
+            "embed_dim": embed,
+            "depth": sub["DEPTH"],
+            "mlp_ratios": sub["MLP_RATIO"],
+            "num_heads": sub["NUM_HEADS"],
+        }
     elif isinstance(data, Mapping) and "arch" in data:
         data = data["arch"]
     if isinstance(data, Mapping):

@@ -32,8 +32,9 @@ log = logging.getLogger(__name__)
 
 
 class SuperAttention(nn.Module):
-    def __init__(self, max_dim: int, max_heads: int, head_dim: int, qkv_bias: bool, rel_pos_max: int | None,
-                 qkv_layout: str) -> None:
+    def __init__(
+        self, max_dim: int, max_heads: int, head_dim: int, qkv_bias: bool, rel_pos_max: int | None, qkv_layout: str
+    ) -> None:
         super().__init__()
         self.head_dim = head_dim
         self.scale = head_dim**-0.5
@@ -57,16 +58,26 @@ class SuperAttention(nn.Module):
                 out[f"{name}.table_h"] = rp.table_h[:, : self.head_dim]
         return out
 
-    def forward(self, x: Tensor, grid: tuple[int, int], dim: int, heads: int, attn_drop: float,
-                proj_drop: float) -> Tensor:
+    def forward(
+        self, x: Tensor, grid: tuple[int, int], dim: int, heads: int, attn_drop: float, proj_drop: float
+    ) -> Tensor:
         p = self.active_params(dim, heads)
         rp = None
         if self.rel_pos_k is not None:
             index = relpos_index(grid, self.rel_pos_k.max_distance, x.shape[1] - grid[0] * grid[1], x.device)
             rp = RelPosInputs(index, self.rel_pos_k.tables(self.head_dim), self.rel_pos_v.tables(self.head_dim))
         return attention(
-            x, p["qkv.weight"], p.get("qkv.bias"), p["proj.weight"], p["proj.bias"], num_heads=heads,
-            head_dim=self.head_dim, scale=self.scale, relpos=rp, attn_drop=attn_drop, proj_drop=proj_drop,
+            x,
+            p["qkv.weight"],
+            p.get("qkv.bias"),
+            p["proj.weight"],
+            p["proj.bias"],
+            num_heads=heads,
+            head_dim=self.head_dim,
+            scale=self.scale,
+            relpos=rp,
+            attn_drop=attn_drop,
+            proj_drop=proj_drop,
             training=self.training,
         )
 
@@ -84,8 +95,7 @@ class SuperMlp(nn.Module):
 
     def forward(self, x: Tensor, dim: int, hidden: int, drop: float) -> Tensor:
         p = self.active_params(dim, hidden)
-        return mlp(x, p["fc1.weight"], p["fc1.bias"], p["fc2.weight"], p["fc2.bias"], drop=drop,
-                   training=self.training)
+        return mlp(x, p["fc1.weight"], p["fc1.bias"], p["fc2.weight"], p["fc2.bias"], drop=drop, training=self.training)
 
 
 def _ln_params(norm: nn.LayerNorm, dim: int) -> dict[str, Tensor]:
@@ -97,8 +107,18 @@ def _prefixed(prefix: str, params: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 class SuperBlock(nn.Module):
-    def __init__(self, max_dim: int, max_heads: int, max_hidden: int, head_dim: int, qkv_bias: bool,
-                 rel_pos_max: int | None, norm_eps: float, qkv_layout: str, drop_path: float) -> None:
+    def __init__(
+        self,
+        max_dim: int,
+        max_heads: int,
+        max_hidden: int,
+        head_dim: int,
+        qkv_bias: bool,
+        rel_pos_max: int | None,
+        norm_eps: float,
+        qkv_layout: str,
+        drop_path: float,
+    ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(max_dim, eps=norm_eps)
         self.attn = SuperAttention(max_dim, max_heads, head_dim, qkv_bias, rel_pos_max, qkv_layout)
@@ -115,8 +135,9 @@ class SuperBlock(nn.Module):
             **_prefixed("mlp", self.mlp.active_params(dim, hidden)),
         }
 
-    def forward(self, x: Tensor, grid: tuple[int, int], dim: int, heads: int, hidden: int, drop: float,
-                attn_drop: float) -> Tensor:
+    def forward(
+        self, x: Tensor, grid: tuple[int, int], dim: int, heads: int, hidden: int, drop: float, attn_drop: float
+    ) -> Tensor:
         h = F.layer_norm(x, (dim,), self.norm1.weight[:dim], self.norm1.bias[:dim], self.norm_eps)
         x = x + drop_path(self.attn(h, grid, dim, heads, attn_drop, drop), self.drop_path, self.training)
         h = F.layer_norm(x, (dim,), self.norm2.weight[:dim], self.norm2.bias[:dim], self.norm_eps)
@@ -178,9 +199,17 @@ class ViTSupernet(nn.Module):
         self.max_hidden = int(E * space.max_mlp_ratio)
         # Everything a static subnet needs besides its arch (passed on by `extract`).
         self.model_kwargs: dict[str, Any] = dict(
-            img_size=list(self.img_size), patch_size=patch_size, in_chans=in_chans, num_classes=num_classes,
-            head_dim=space.head_dim, qkv_bias=qkv_bias, rel_pos=rel_pos, rel_pos_max=rel_pos_max,
-            abs_pos=abs_pos, global_pool=global_pool, norm_eps=norm_eps,
+            img_size=list(self.img_size),
+            patch_size=patch_size,
+            in_chans=in_chans,
+            num_classes=num_classes,
+            head_dim=space.head_dim,
+            qkv_bias=qkv_bias,
+            rel_pos=rel_pos,
+            rel_pos_max=rel_pos_max,
+            abs_pos=abs_pos,
+            global_pool=global_pool,
+            norm_eps=norm_eps,
         )
         self.drop_path_rates = [drop_path_rate * i / max(self.max_depth - 1, 1) for i in range(self.max_depth)]
         num_patches = self.grid[0] * self.grid[1]
@@ -188,8 +217,17 @@ class ViTSupernet(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, E))
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, E)) if abs_pos else None
         self.blocks = nn.ModuleList(
-            SuperBlock(E, space.max_num_heads, self.max_hidden, space.head_dim, qkv_bias,
-                       rel_pos_max if rel_pos else None, norm_eps, qkv_layout, self.drop_path_rates[i])
+            SuperBlock(
+                E,
+                space.max_num_heads,
+                self.max_hidden,
+                space.head_dim,
+                qkv_bias,
+                rel_pos_max if rel_pos else None,
+                norm_eps,
+                qkv_layout,
+                self.drop_path_rates[i],
+            )
             for i in range(self.max_depth)
         )
         self.norm = nn.LayerNorm(E, eps=norm_eps)
@@ -199,8 +237,13 @@ class ViTSupernet(nn.Module):
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         self.apply(init_vit_weights)
         self.costs = ViTCostModel(
-            img_size=self.img_size, patch_size=patch_size, in_chans=in_chans, num_classes=num_classes,
-            head_dim=space.head_dim, qkv_bias=qkv_bias, rel_pos_max=rel_pos_max if rel_pos else None,
+            img_size=self.img_size,
+            patch_size=patch_size,
+            in_chans=in_chans,
+            num_classes=num_classes,
+            head_dim=space.head_dim,
+            qkv_bias=qkv_bias,
+            rel_pos_max=rel_pos_max if rel_pos else None,
             abs_pos=abs_pos,
         )
         self._arch = space.largest()
@@ -238,12 +281,17 @@ class ViTSupernet(nn.Module):
         e = arch.embed_dim
         grid = (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
         if grid != self.grid:
-            raise ValueError(f"input of {tuple(x.shape[-2:])} pixels gives a {grid} patch grid; "
-                             f"this supernet was built for {self.grid}")
+            raise ValueError(
+                f"input of {tuple(x.shape[-2:])} pixels gives a {grid} patch grid; "
+                f"this supernet was built for {self.grid}"
+            )
         scale = e / self.max_embed_dim  # AutoFormer scales dropout with the active width
         drop, attn_drop = self.drop_rate * scale, self.attn_drop_rate * scale
-        x = F.conv2d(x, self.patch_embed.proj.weight[:e], self.patch_embed.proj.bias[:e],
-                     stride=self.patch_size).flatten(2).transpose(1, 2)
+        x = (
+            F.conv2d(x, self.patch_embed.proj.weight[:e], self.patch_embed.proj.bias[:e], stride=self.patch_size)
+            .flatten(2)
+            .transpose(1, 2)
+        )
         x = torch.cat([self.cls_token[..., :e].expand(x.shape[0], -1, -1), x], dim=1)
         if self.pos_embed is not None:
             x = x + self.pos_embed[..., :e]
@@ -285,16 +333,22 @@ class ViTSupernet(nn.Module):
     def extract(self, arch: ArchConfig | None = None) -> VisionTransformer:
         """A standalone `VisionTransformer` with copies of the subnet's weights (default: active arch)."""
         arch = self._arch if arch is None else self.check_arch(arch)
-        model = VisionTransformer.from_arch(
-            arch, **self.model_kwargs, drop_rate=self.drop_rate * arch.embed_dim / self.max_embed_dim,
-            attn_drop_rate=self.attn_drop_rate * arch.embed_dim / self.max_embed_dim,
-            drop_path_rate=self.drop_path_rates[: arch.depth],
-        )
+        scale = arch.embed_dim / self.max_embed_dim
+        with torch.device("meta"):  # no random init: every tensor is assigned below
+            model = VisionTransformer.from_arch(
+                arch,
+                **self.model_kwargs,
+                drop_rate=self.drop_rate * scale,
+                attn_drop_rate=self.attn_drop_rate * scale,
+                drop_path_rate=self.drop_path_rates[: arch.depth],
+            )
         with torch.no_grad():
-            state = {k: v.detach().clone() for k, v in self.active_state_dict(arch).items()}
-        model.load_state_dict(state, strict=True)
-        model.train(self.training)
-        return model.to(self.cls_token.device)
+            state = {
+                k: v.detach().clone(memory_format=torch.contiguous_format)
+                for k, v in self.active_state_dict(arch).items()
+            }
+        model.load_state_dict(state, strict=True, assign=True)
+        return model.train(self.training)
 
     # -- costs -------------------------------------------------------------------------------------
     def num_params(self, arch: ArchConfig | None = None) -> int:
