@@ -99,6 +99,139 @@ def cmd_costs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field (`--batch-size 64`, `--no-inplace-distill`, `--augment mixup=0`)."""
+    import dataclasses
+
+    from vitnas.train.config import TrainConfig
+
+    p.add_argument("--config", help="training config YAML; flags override its values")
+    p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/last.safetensors if present")
+    for f in dataclasses.fields(TrainConfig):
+        if f.name == "task":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        kind = str(f.type)
+        if f.name == "augment":
+            p.add_argument(flag, action="append", metavar="KEY=VALUE", help="override a recipe field")
+        elif kind == "bool":
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+        else:
+            conv = int if kind.startswith("int") else float if kind.startswith("float") else str
+            p.add_argument(flag, type=conv, default=None, metavar=f.name.upper())
+
+
+def _train_config(args: argparse.Namespace, task: str):
+    import yaml
+
+    from vitnas.train.config import TrainConfig
+
+    overrides = {}
+    for key in TrainConfig.__dataclass_fields__:
+        value = getattr(args, key, None)
+        if value is None:
+            continue
+        if key == "augment":
+            pairs = {}
+            for item in value:
+                name, sep, raw = item.partition("=")
+                if not sep:
+                    raise ValueError(f"--augment expects KEY=VALUE, got {item!r}")
+                pairs[name] = yaml.safe_load(raw)
+            value = pairs
+        overrides[key] = value
+    overrides["task"] = task
+    if args.config:
+        return TrainConfig.from_yaml(args.config, **overrides)
+    return TrainConfig.from_dict(overrides, source="command line")
+
+
+def _run_training(args: argparse.Namespace, task: str) -> int:
+    from tqdm import tqdm
+
+    from vitnas.train import Trainer
+
+    cfg = _train_config(args, task)
+    bar = None
+
+    def progress(info) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(
+                total=info.total,
+                initial=info.step - 1,
+                desc=f"train {task}",
+                unit="step",
+                dynamic_ncols=True,
+                disable=None,
+            )
+        bar.update(info.step - bar.n)
+        if info.step % 10 == 0 or info.step == info.total:
+            bar.set_postfix(
+                epoch=info.epoch, loss=f"{info.loss:.3f}", lr=f"{info.lr:.1e}", img_s=f"{info.images_per_s:.0f}"
+            )
+
+    trainer = Trainer(cfg, resume=args.resume, progress=progress)
+    if trainer.dist.is_main:
+        print(trainer.data.summary())
+        print(
+            f"{task}: {sum(p.numel() for p in trainer.model.parameters()) / 1e6:.2f}M parameters, "
+            f"{trainer.total_steps} steps, writing to {cfg.out_dir}"
+        )
+    result = trainer.fit()
+    if bar is not None:
+        bar.close()
+    if trainer.dist.is_main:
+        last = result["history"][-1] if result["history"] else {}
+        print("final: " + ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in last.items()))
+        print(f"checkpoint: {result['checkpoint']}")
+    return 0
+
+
+def cmd_train_supernet(args: argparse.Namespace) -> int:
+    return _run_training(args, "supernet")
+
+
+def cmd_retrain(args: argparse.Namespace) -> int:
+    return _run_training(args, "subnet")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from vitnas.data import AugmentConfig, load_data
+    from vitnas.evaluation import evaluate
+    from vitnas.train import load_model
+
+    model, meta = load_model(args.checkpoint, use_ema=args.ema)
+    cfg = meta["config"]
+    data = load_data(
+        args.data_path or cfg["data_path"],
+        img_size=meta["img_size"],
+        val_per_class=cfg["val_per_class"],
+        seed=cfg["seed"],
+    )
+    if data.classes != meta["classes"]:
+        raise ValueError(f"{args.checkpoint}: trained on classes {meta['classes']}, the data has {data.classes}")
+    norm = AugmentConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["norm"].items()})
+    split = getattr(data, args.split)
+    if meta["model"]["kind"] == "supernet":
+        archs = (
+            [("arch", ArchConfig.from_yaml(args.arch))]
+            if args.arch
+            else [("largest", model.space.largest()), ("smallest", model.space.smallest())]
+        )
+    else:
+        archs = [("model", None)]
+    rows = []
+    for name, arch in archs:
+        r = evaluate(model, split, img_size=meta["img_size"], norm=norm, arch=arch, batch_size=args.batch_size)
+        rows.append(
+            [name, (arch.key() if arch else model.arch.key())[:60], f"{r['top1']:.2f}", f"{r['loss']:.4f}", str(r["n"])]
+        )
+    print(f"{args.checkpoint} on the {args.split} split of {data.name}:")
+    print(_table(rows, ["subnet", "arch", "top1 %", "loss", "images"]))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vitnas", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -120,6 +253,22 @@ def build_parser() -> argparse.ArgumentParser:
     costs.add_argument("arch", help="arch YAML (ours, or an AutoFormer subnet config)")
     costs.add_argument("--img-size", type=int)
     costs.set_defaults(func=cmd_costs)
+
+    ts = sub.add_parser("train-supernet", help="train a weight-sharing supernet")
+    _add_config_flags(ts)
+    ts.set_defaults(func=cmd_train_supernet)
+    rt = sub.add_parser("retrain", help="train one subnet from scratch, or fine-tune it from a supernet (--init-from)")
+    _add_config_flags(rt)
+    rt.set_defaults(func=cmd_retrain)
+
+    ev = sub.add_parser("evaluate", help="top-1 and loss of a checkpoint on the validation or test split")
+    ev.add_argument("checkpoint")
+    ev.add_argument("--split", default="val", choices=["val", "test"])
+    ev.add_argument("--arch", help="supernet checkpoints: evaluate this arch YAML (default: largest and smallest)")
+    ev.add_argument("--data-path", help="default: the data the checkpoint was trained on")
+    ev.add_argument("--batch-size", type=int, default=256)
+    ev.add_argument("--ema", action="store_true", help="use the EMA weights")
+    ev.set_defaults(func=cmd_evaluate)
     return parser
 
 
@@ -132,6 +281,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except RuntimeError as err:
+        from vitnas.train import TrainingDiverged
+
+        if isinstance(err, TrainingDiverged):
+            print(f"error: {err}", file=sys.stderr)
+            return 3
+        raise
 
 
 if __name__ == "__main__":

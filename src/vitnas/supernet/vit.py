@@ -182,6 +182,23 @@ class ViTSupernet(nn.Module):
         if global_pool not in ("avg", "token"):
             raise ValueError(f"global_pool={global_pool!r}; expected 'avg' or 'token'")
         self.space = space
+        # Constructor arguments besides the space, so a checkpoint can rebuild this supernet.
+        self.init_kwargs: dict[str, Any] = dict(
+            img_size=img_size,
+            patch_size=patch_size,
+            num_classes=num_classes,
+            in_chans=in_chans,
+            qkv_bias=qkv_bias,
+            rel_pos=rel_pos,
+            rel_pos_max=rel_pos_max,
+            abs_pos=abs_pos,
+            global_pool=global_pool,
+            norm_eps=norm_eps,
+            drop_rate=drop_rate,
+            attn_drop_rate=attn_drop_rate,
+            drop_path_rate=drop_path_rate,
+            qkv_layout=qkv_layout,
+        )
         img_size = space.img_size if img_size is None else img_size
         patch_size = space.patch_size if patch_size is None else patch_size
         rel_pos_max = space.rel_pos_max if rel_pos_max is None else rel_pos_max

@@ -1,0 +1,51 @@
+"""Top-1 and loss of a model (or one subnet of a supernet) on a data split, in inference mode."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vitnas.data.augment import AugmentConfig, eval_transform
+from vitnas.data.datasets import Split
+from vitnas.space.arch import ArchConfig
+
+__all__ = ["evaluate"]
+
+
+@torch.inference_mode()
+def evaluate(
+    model: nn.Module,
+    split: Split,
+    *,
+    img_size: int,
+    norm: AugmentConfig,
+    arch: ArchConfig | None = None,
+    batch_size: int = 256,
+    device: torch.device | str = "cpu",
+    rank: int = 0,
+    world: int = 1,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> dict[str, float]:
+    """{'top1': %, 'loss': mean CE, 'n': images}. With `world` > 1 each rank takes a shard and `reduce`
+    (an all-reduce sum) combines the counts."""
+    was_training = model.training
+    model.eval()
+    ctx = model.active(arch) if arch is not None else contextlib.nullcontext()
+    totals = torch.zeros(3, dtype=torch.float64)
+    with ctx:
+        for images, labels in split.sequential(batch_size, rank, world):
+            x = eval_transform(images.to(device), img_size, norm)
+            logits = model(x).float()
+            labels = labels.to(device)
+            totals[0] += F.cross_entropy(logits, labels, reduction="sum").item()
+            totals[1] += (logits.argmax(-1) == labels).sum().item()
+            totals[2] += labels.numel()
+    if reduce is not None:
+        totals = reduce(totals)
+    model.train(was_training)
+    n = max(totals[2].item(), 1.0)
+    return {"top1": 100.0 * totals[1].item() / n, "loss": totals[0].item() / n, "n": int(totals[2].item())}

@@ -1,0 +1,134 @@
+"""Self-describing checkpoints: one safetensors file holding weights, optimizer and EMA tensors, with
+the config, model description, step and RNG states as JSON metadata. Written atomically; loading
+never unpickles anything."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from vitnas._io import atomic_save_safetensors
+
+__all__ = ["save_checkpoint", "read_checkpoint", "build_model", "describe_model", "load_model"]
+
+log = logging.getLogger(__name__)
+FORMAT = "vitnas-checkpoint-1"
+
+
+def describe_model(model: nn.Module) -> dict[str, Any]:
+    """What `build_model` needs to rebuild `model` (weights aside)."""
+    from vitnas.models.vit import VisionTransformer
+    from vitnas.supernet.vit import ViTSupernet
+
+    if isinstance(model, ViTSupernet):
+        return {"kind": "supernet", "space": model.space.to_dict(), "kwargs": model.init_kwargs}
+    if isinstance(model, VisionTransformer):
+        return {"kind": "vit", "config": model.config}
+    raise TypeError(f"cannot describe a {type(model).__name__} for a checkpoint")
+
+
+def build_model(desc: dict[str, Any], *, meta_device: bool = False) -> nn.Module:
+    from vitnas.models.vit import VisionTransformer
+    from vitnas.space.space import SearchSpace
+    from vitnas.supernet.vit import ViTSupernet
+
+    device = torch.device("meta") if meta_device else torch.device("cpu")
+    with device:
+        if desc.get("kind") == "supernet":
+            return ViTSupernet(SearchSpace(**desc["space"]), **desc["kwargs"])
+        if desc.get("kind") == "vit":
+            return VisionTransformer(**desc["config"])
+    raise ValueError(f"unknown model kind {desc.get('kind')!r} in checkpoint")
+
+
+def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors, scalars = {}, {}
+    for pid, pstate in state["state"].items():
+        for key, value in pstate.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optim.{pid}.{key}"] = value
+            else:
+                scalars.setdefault(str(pid), {})[key] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        _, pid, key = name.split(".", 2)
+        state.setdefault(int(pid), {})[key] = value
+    for pid, values in meta["scalars"].items():
+        state.setdefault(int(pid), {}).update(values)
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_checkpoint(
+    path: str | Path,
+    *,
+    model: nn.Module,
+    meta: dict[str, Any],
+    optimizer: torch.optim.Optimizer | None = None,
+    ema: dict[str, torch.Tensor] | None = None,
+    rng: dict[str, torch.Tensor] | None = None,
+) -> None:
+    tensors = {f"model.{k}": v.detach() for k, v in model.state_dict().items()}
+    meta = {**meta, "format": FORMAT, "model": describe_model(model)}
+    if optimizer is not None:
+        opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
+        tensors.update(opt_tensors)
+        meta["optimizer"] = opt_meta
+    for name, value in (ema or {}).items():
+        tensors[f"ema.{name}"] = value.detach()
+    for name, value in (rng or {}).items():
+        tensors[f"rng.{name}"] = value
+    atomic_save_safetensors({k: v.cpu() for k, v in tensors.items()}, path, metadata={"vitnas": json.dumps(meta)})
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
+    """({'model': ..., 'optim': ..., 'ema': ..., 'rng': ...} tensors, metadata)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+            groups: dict[str, dict[str, torch.Tensor]] = {"model": {}, "optim": {}, "ema": {}, "rng": {}}
+            for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
+                group, _, rest = key.partition(".")
+                if group == "optim":
+                    groups["optim"][key] = f.get_tensor(key)
+                else:
+                    groups.setdefault(group, {})[rest] = f.get_tensor(key)
+    except Exception as err:
+        raise ValueError(f"{path}: not a readable safetensors checkpoint: {err}") from None
+    if "vitnas" not in header:
+        raise ValueError(f"{path}: missing key 'vitnas' in the safetensors metadata (not a vitnas checkpoint)")
+    meta = json.loads(header["vitnas"])
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path}: checkpoint format {meta.get('format')!r}, expected {FORMAT!r}")
+    return groups, meta
+
+
+def optimizer_state(groups: dict[str, dict[str, torch.Tensor]], meta: dict[str, Any]) -> dict[str, Any] | None:
+    if "optimizer" not in meta:
+        return None
+    return _unflatten_optimizer(groups["optim"], meta["optimizer"])
+
+
+def load_model(path: str | Path, *, use_ema: bool = False) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the model stored in a checkpoint (supernet or plain ViT), in eval mode."""
+    groups, meta = read_checkpoint(path)
+    model = build_model(meta["model"], meta_device=True)
+    weights = groups["ema"] if use_ema and groups["ema"] else groups["model"]
+    try:
+        model.load_state_dict(weights, strict=True, assign=True)
+    except RuntimeError as err:
+        raise ValueError(f"{path}: weights do not match the model described in it: {err}") from None
+    return model.eval(), meta

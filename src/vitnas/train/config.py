@@ -1,0 +1,91 @@
+"""Training configuration: one plain dataclass, read from YAML and overridden by CLI flags."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vitnas.space.yaml_io import load_yaml
+
+__all__ = ["TrainConfig", "TASKS", "SAMPLINGS"]
+
+TASKS = ("supernet", "subnet")
+SAMPLINGS = ("uniform", "sandwich")
+AMP_MODES = ("auto", "off", "bf16", "fp16")
+
+
+@dataclass
+class TrainConfig:
+    # -- what to train
+    task: str = "supernet"  # supernet: train a weight-sharing supernet; subnet: train one arch
+    space: str = "cifar"  # search space preset name or YAML path
+    arch: str | None = None  # subnet task: arch YAML (ours, or an AutoFormer config's RETRAIN section)
+    init_from: str | None = None  # subnet task: supernet checkpoint whose weights the subnet inherits
+    sampling: str = "uniform"  # supernet task: uniform (AutoFormer, one random subnet per step) | sandwich
+    sandwich_random: int = 2  # sandwich rule: random subnets per step besides the largest and smallest
+    inplace_distill: bool = True  # sandwich rule: smaller subnets learn the largest one's predictions
+    # -- data
+    data_path: str | None = None  # root with train/ and test/ (or val/) class folders; None = embedded digits
+    img_size: int | None = None  # default: the space's img_size
+    val_per_class: int = 100  # training images per class held out for validation (search / selection)
+    recipe: str = "cifar"  # augmentation recipe: deit | cifar | digits | none
+    augment: dict[str, Any] = field(default_factory=dict)  # overrides of the recipe's fields
+    skip_bad_images: bool = False  # skip (and count) unreadable files instead of stopping
+    workers: int = 2  # DataLoader workers when images stream from disk
+    # -- optimization
+    epochs: int = 10
+    batch_size: int = 128  # per rank
+    lr: float = 5e-4  # for a global batch of 512; scaled linearly by global batch / 512
+    min_lr: float = 1e-5
+    warmup_lr: float = 1e-6
+    warmup_epochs: float = 1.0
+    weight_decay: float = 0.05
+    clip_grad: float | None = 5.0  # max gradient norm; null = off
+    drop_path: float = 0.1
+    ema_decay: float = 0.0  # exponential moving average of the weights; 0 = off
+    amp: str = "auto"  # auto (bf16/fp16 on CUDA, off on CPU) | off | bf16 | fp16
+    # -- bookkeeping
+    seed: int = 0
+    deterministic: bool = False  # deterministic kernels (exact resume and reproducible runs)
+    threads: int | None = None  # torch CPU threads; default: torch's choice
+    out_dir: str = "runs/train"
+    ckpt_every: int = 200  # steps between checkpoints (one is also written at every epoch end)
+    eval_every: int = 1  # epochs between validation passes
+    eval_batch_size: int = 256
+    log_every: int = 10  # steps between log rows
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"task={self.task!r}; expected one of {TASKS}")
+        if self.sampling not in SAMPLINGS:
+            raise ValueError(f"sampling={self.sampling!r}; expected one of {SAMPLINGS}")
+        if self.amp not in AMP_MODES:
+            raise ValueError(f"amp={self.amp!r}; expected one of {AMP_MODES}")
+        if self.task == "subnet" and not self.arch:
+            raise ValueError("task 'subnet' needs arch: the arch YAML to train")
+        for name in ("epochs", "batch_size", "ckpt_every", "log_every", "eval_every"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides: Any) -> TrainConfig:
+        data = load_yaml(path) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping of config keys")
+        return cls.from_dict({**data, **overrides}, source=str(path))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, source: str = "config") -> TrainConfig:
+        names = [f.name for f in dataclasses.fields(cls)]
+        for key in data:
+            if key not in names:
+                raise ValueError(f"{source}: unknown key {key!r}; expected one of {names}")
+        try:
+            return cls(**data)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{source}: {err}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
