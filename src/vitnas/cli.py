@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -27,7 +29,7 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
     return "\n".join(lines)
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
+def cmd_space(args: argparse.Namespace) -> int:
     """Build a space's supernet, sample subnets, print their costs, run one forward and extract."""
     import torch
 
@@ -76,6 +78,126 @@ def cmd_demo(args: argparse.Namespace) -> int:
         f"forward of {arch.key()} on a batch of 2: logits {tuple(y_super.shape)} in {dt * 1e3:.0f} ms; "
         f"extracted model agrees to {(y_super - y_sub).abs().max().item():.1e}"
     )
+    return 0
+
+
+def _run_pipeline(cfg, fresh: bool) -> int:
+    from tqdm import tqdm
+
+    from vitnas.pipeline import run_pipeline
+    from vitnas.report import table
+
+    bars: dict[str, tqdm] = {}
+
+    def progress(stage: str, done: int, total: int) -> None:
+        bar = bars.get(stage)
+        if bar is None:
+            bar = bars[stage] = tqdm(total=total, desc=stage, unit="arch", dynamic_ncols=True, disable=None)
+        bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
+
+    def train_progress(info) -> None:
+        bar = bars.get(f"train{info.total}")
+        if bar is None:
+            name = "train supernet" if not any(k.startswith("train") for k in bars) else "fine-tune"
+            bar = bars[f"train{info.total}"] = tqdm(
+                total=info.total, initial=info.step - 1, desc=name, unit="step", dynamic_ncols=True, disable=None
+            )
+        bar.update(info.step - bar.n)
+        if info.step % 10 == 0:
+            bar.set_postfix(epoch=info.epoch, loss=f"{info.loss:.3f}")
+        if info.step >= info.total:
+            bar.close()
+
+    t0 = time.perf_counter()
+    s = run_pipeline(cfg, progress=progress, train_progress=train_progress, resume=not fresh)
+    for bar in bars.values():
+        if isinstance(bar, tqdm):
+            bar.close()
+    b = s["best"]
+    print()
+    print(s["data"])
+    sv = s["supernet_val_top1"]
+    print(
+        f"supernet ({s['space']} space, {s['space_size']:.2e} archs): validation top-1 "
+        + ", ".join(f"{k.removeprefix('val_top1_')} {v:.1f}%" for k, v in sv.items())
+    )
+    rows = [[name, r["evaluations"], r["best_top1"]] for name, r in s["strategies"].items()]
+    print("\nsearch (validation top-1 with inherited weights, constraints " + json.dumps(s["constraints"]) + ")")
+    print(table(rows, ["strategy", "candidates", "best top-1 %"]))
+    print("\nPareto front (accuracy vs parameters)")
+    print(
+        table(
+            [[r["arch"], f"{r['params'] / 1e3:.0f}k", f"{r['macs'] / 1e6:.1f}M", r["top1"]] for r in s["pareto_front"]],
+            ["arch", "params", "MACs", "val top-1 %"],
+        )
+    )
+    print("\nbest subnet")
+    ft = b["val_top1_finetuned"]
+    print(
+        table(
+            [
+                [
+                    b["arch"],
+                    f"{b['params'] / 1e3:.0f}k",
+                    f"{b['macs'] / 1e6:.1f}M",
+                    f"{b['latency_ms']:.2f}",
+                    b["val_top1_inherited"],
+                    "-" if ft is None else ft,
+                    b["test_top1"],
+                ]
+            ],
+            ["arch", "params", "MACs", "latency ms", "val (inherited)", "val (fine-tuned)", "test top-1 %"],
+        )
+    )
+    if s.get("latency_table"):
+        lt = s["latency_table"]
+        print(f"latency table: mean error {100 * lt['mean_abs_rel_error']:.1f}% over {lt['n']} archs")
+    print(
+        f"\nexported to {s['export']} (model.safetensors, arch.yaml, config.json"
+        f"{', model.onnx' if cfg.onnx else ''}); plots: {', '.join(s['plots'])}"
+    )
+    print(f"done in {time.perf_counter() - t0:.0f}s; summary: {Path(cfg.out_dir) / 'summary.json'}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from importlib.resources import files
+
+    from vitnas.pipeline import PipelineConfig
+
+    cfg = PipelineConfig.from_yaml(Path(str(files("vitnas") / "configs" / "demo.yaml")))
+    if args.out_dir:
+        cfg.out_dir = args.out_dir
+    return _run_pipeline(cfg, args.fresh)
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from vitnas.pipeline import PipelineConfig
+
+    cfg = PipelineConfig.from_yaml(args.config)
+    if args.out_dir:
+        cfg.out_dir = args.out_dir
+    if args.checkpoint:
+        cfg.checkpoint = args.checkpoint
+    return _run_pipeline(cfg, args.fresh)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from vitnas.export import export_subnet
+    from vitnas.train import load_model
+
+    model, meta = load_model(args.checkpoint)
+    if meta["model"]["kind"] == "supernet":
+        if not args.arch:
+            raise ValueError(f"{args.checkpoint} holds a supernet: pass --arch (e.g. a search's best.yaml)")
+        model = model.extract(ArchConfig.from_yaml(args.arch))
+    elif args.arch and ArchConfig.from_yaml(args.arch) != model.arch:
+        raise ValueError(f"{args.checkpoint} holds {model.arch.key()}, not the arch in {args.arch}")
+    extra = {"source": str(args.checkpoint), "classes": meta.get("classes"), "norm": meta.get("norm")}
+    folder = export_subnet(model, args.out, extra=extra, onnx=args.onnx)
+    print(f"exported {model.arch.key()} to {folder}")
     return 0
 
 
@@ -242,11 +364,30 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--space-yaml", help="search space YAML (ours or AutoFormer's); overrides --space")
         p.add_argument("--num-classes", type=int, default=1000)
 
-    demo = sub.add_parser("demo", help="build a supernet, sample subnets, show their costs, run a forward")
-    add_space_args(demo, "autoformer-tiny")
-    demo.add_argument("--samples", type=int, default=5)
-    demo.add_argument("--seed", type=int, default=0)
+    demo = sub.add_parser("demo", help="the whole pipeline on the embedded digits (train, search, export, report)")
+    demo.add_argument("--out-dir", help="default: runs/demo")
+    demo.add_argument("--fresh", action="store_true", help="start over instead of continuing a previous run")
     demo.set_defaults(func=cmd_demo)
+
+    search = sub.add_parser("search", help="train a supernet (or load one), search, export, fine-tune, report")
+    search.add_argument("--config", required=True, help="pipeline YAML (see src/vitnas/configs/demo.yaml)")
+    search.add_argument("--out-dir")
+    search.add_argument("--checkpoint", help="a trained supernet checkpoint (skips training)")
+    search.add_argument("--fresh", action="store_true", help="start over instead of continuing a previous run")
+    search.set_defaults(func=cmd_search)
+
+    export = sub.add_parser("export", help="export a subnet (model.safetensors, arch.yaml, config.json, ONNX)")
+    export.add_argument("checkpoint", help="a supernet checkpoint (with --arch) or a subnet checkpoint")
+    export.add_argument("--arch", help="arch YAML, e.g. OUT/search/evolution/best.yaml")
+    export.add_argument("--out", required=True, help="output folder")
+    export.add_argument("--onnx", action="store_true", help="also write model.onnx, checked with onnxruntime")
+    export.set_defaults(func=cmd_export)
+
+    space = sub.add_parser("space", help="a space's supernet: sample subnets, show their costs, run a forward")
+    add_space_args(space, "autoformer-tiny")
+    space.add_argument("--samples", type=int, default=5)
+    space.add_argument("--seed", type=int, default=0)
+    space.set_defaults(func=cmd_space)
 
     costs = sub.add_parser("costs", help="parameters and MACs of an arch YAML")
     add_space_args(costs, "autoformer-tiny")

@@ -1,0 +1,98 @@
+"""Export a subnet as a standalone folder: `model.safetensors`, `arch.yaml`, `config.json` (+ ONNX).
+
+`load_subnet(folder)` rebuilds the model with no supernet code; the ONNX file is checked against
+onnxruntime when written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vitnas._io import atomic_save_safetensors, atomic_write_text
+from vitnas.models.vit import VisionTransformer
+
+__all__ = ["export_subnet", "load_subnet", "export_onnx"]
+
+log = logging.getLogger(__name__)
+
+
+def export_subnet(
+    model: VisionTransformer,
+    folder: str | Path,
+    *,
+    extra: dict[str, Any] | None = None,
+    onnx: bool = False,
+    onnx_atol: float = 1e-4,
+) -> Path:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_save_safetensors(model.state_dict(), folder / "model.safetensors", metadata={"format": "vitnas-vit-1"})
+    model.arch.to_yaml(folder / "arch.yaml")
+    config = {"model": "VisionTransformer", "config": model.config, **(extra or {})}
+    atomic_write_text(folder / "config.json", json.dumps(config, indent=1))
+    if onnx:
+        export_onnx(model, folder / "model.onnx", atol=onnx_atol)
+    log.info("exported %s to %s", model.arch.key(), folder)
+    return folder
+
+
+def load_subnet(folder: str | Path) -> VisionTransformer:
+    """The exported model, in eval mode."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    cfg_path = folder / "config.json"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{cfg_path}: missing (not an exported vitnas subnet folder)")
+    cfg = json.loads(cfg_path.read_text())
+    if cfg.get("model") != "VisionTransformer" or "config" not in cfg:
+        raise ValueError(f"{cfg_path}: expected keys 'model' = 'VisionTransformer' and 'config'")
+    with torch.device("meta"):
+        model = VisionTransformer(**cfg["config"])
+    try:
+        model.load_state_dict(load_file(folder / "model.safetensors"), strict=True, assign=True)
+    except (RuntimeError, FileNotFoundError) as err:
+        raise ValueError(f"{folder / 'model.safetensors'}: does not match {cfg_path}: {err}") from None
+    return model.eval()
+
+
+def export_onnx(model: VisionTransformer, path: str | Path, *, batch: int = 2, atol: float = 1e-4) -> float:
+    """Write ONNX (dynamic batch) and check it against onnxruntime; returns the max abs difference."""
+    import numpy as np
+    import onnxruntime as ort
+
+    path = Path(path)
+    model = model.eval()
+    h, w = model.config["img_size"]
+    x = torch.randn(batch, model.config["in_chans"], h, w)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with warnings.catch_warnings():  # shapes are static per model: the tracer's constant-folding notes are moot
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        torch.onnx.export(
+            model,
+            (x,),
+            str(tmp),
+            input_names=["images"],
+            output_names=["logits"],
+            dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
+            opset_version=17,
+            dynamo=False,
+        )
+    session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+    x2 = torch.randn(batch + 1, model.config["in_chans"], h, w)
+    with torch.no_grad():
+        want = model(x2).numpy()
+    got = session.run(None, {"images": x2.numpy()})[0]
+    diff = float(np.abs(got - want).max())
+    if diff > atol:
+        tmp.unlink(missing_ok=True)
+        raise RuntimeError(f"ONNX export of {model.arch.key()} differs from PyTorch by {diff:.2e} (> {atol:g})")
+    tmp.replace(path)
+    log.info("wrote %s (onnxruntime max abs diff %.1e)", path, diff)
+    return diff

@@ -1,0 +1,19 @@
+"""Architecture search: strategies, constraints, the evaluator and the resumable search loop."""
+
+from vitnas.search.constraints import Constraints, InfeasibleConstraint
+from vitnas.search.run import SearchConfig, SearchResult, pareto_front, run_search
+from vitnas.search.strategies import STRATEGIES, EvolutionSearch, NSGA2Search, RandomSearch, build_strategy
+
+__all__ = [
+    "STRATEGIES",
+    "Constraints",
+    "EvolutionSearch",
+    "InfeasibleConstraint",
+    "NSGA2Search",
+    "RandomSearch",
+    "SearchConfig",
+    "SearchResult",
+    "build_strategy",
+    "pareto_front",
+    "run_search",
+]

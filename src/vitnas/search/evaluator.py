@@ -1,0 +1,62 @@
+"""Accuracy of a subnet with weights inherited from the supernet, on the held-out validation split."""
+
+from __future__ import annotations
+
+import torch
+
+from vitnas.data.augment import AugmentConfig, eval_transform
+from vitnas.data.datasets import Split
+from vitnas.space.arch import ArchConfig
+
+__all__ = ["SupernetEvaluator"]
+
+
+class SupernetEvaluator:
+    """`evaluator(arch) -> {'top1', 'loss'}`, in inference mode with large batches. Small in-memory
+    splits are normalized once and kept on the device. With `world` > 1 the split is sharded across
+    ranks and `reduce` (an all-reduce sum) combines the counts."""
+
+    def __init__(
+        self,
+        supernet: torch.nn.Module,
+        split: Split,
+        *,
+        img_size: int,
+        norm: AugmentConfig,
+        batch_size: int = 256,
+        device: str | torch.device = "cpu",
+        rank: int = 0,
+        world: int = 1,
+        reduce=None,
+    ) -> None:
+        self.net = supernet.to(device).eval()
+        self.split = split
+        self.img_size, self.norm, self.batch_size = img_size, norm, batch_size
+        self.device = torch.device(device)
+        self.rank, self.world, self.reduce = rank, world, reduce
+        self._batches = None
+        if split.images is not None:
+            idx = torch.arange(len(split))[rank::world]
+            x = eval_transform(split.images[idx].to(self.device), img_size, norm)
+            y = split.labels[idx].to(self.device)
+            self._batches = [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(y), batch_size)]
+
+    @torch.inference_mode()
+    def __call__(self, arch: ArchConfig) -> dict[str, float]:
+        totals = torch.zeros(3, dtype=torch.float64)
+        batches = self._batches
+        if batches is None:
+            batches = (
+                (eval_transform(x.to(self.device), self.img_size, self.norm), y.to(self.device))
+                for x, y in self.split.sequential(self.batch_size, self.rank, self.world)
+            )
+        with self.net.active(arch):
+            for x, y in batches:
+                logits = self.net(x).float()
+                totals[0] += torch.nn.functional.cross_entropy(logits, y, reduction="sum").item()
+                totals[1] += (logits.argmax(-1) == y).sum().item()
+                totals[2] += y.numel()
+        if self.reduce is not None:
+            totals = self.reduce(totals)
+        n = max(totals[2].item(), 1.0)
+        return {"top1": 100.0 * totals[1].item() / n, "loss": totals[0].item() / n}

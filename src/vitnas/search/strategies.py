@@ -1,0 +1,300 @@
+"""Search strategies with one interface: `ask() -> archs`, `tell(archs, scores)`, `state_dict()`.
+
+Each owns a seeded numpy Generator, proposes only feasible archs it has not proposed before (so no
+candidate is ever evaluated twice) and stops after its number of generations.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+import numpy as np
+
+from vitnas.space.arch import ArchConfig
+from vitnas.space.space import SearchSpace
+
+__all__ = ["Strategy", "EvolutionSearch", "RandomSearch", "NSGA2Search", "build_strategy", "STRATEGIES"]
+
+log = logging.getLogger(__name__)
+Feasible = Callable[[ArchConfig], bool]
+
+
+class Strategy(Protocol):
+    generation: int
+
+    @property
+    def done(self) -> bool: ...
+
+    def ask(self) -> list[ArchConfig]: ...
+
+    def tell(self, archs: Sequence[ArchConfig], scores: Sequence[float]) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class _Base:
+    def __init__(
+        self,
+        space: SearchSpace,
+        *,
+        feasible: Feasible | None = None,
+        population: int = 50,
+        generations: int = 20,
+        seed: int = 0,
+        max_tries: int = 5000,
+    ) -> None:
+        self.space = space
+        self.feasible = feasible or (lambda arch: True)
+        self.population = population
+        self.generations = generations
+        self.seed = seed
+        self.max_tries = max_tries
+        self.rng = np.random.default_rng(seed)
+        self.generation = 0
+        self.seen: set[str] = set()
+        self.scores: dict[str, float] = {}
+        self.archs: dict[str, ArchConfig] = {}
+
+    @property
+    def done(self) -> bool:
+        return self.generation >= self.generations
+
+    def _accept(self, arch: ArchConfig, batch: list[ArchConfig]) -> bool:
+        key = arch.key()
+        if key in self.seen or not self.feasible(arch):
+            return False
+        self.seen.add(key)
+        batch.append(arch)
+        return True
+
+    def _random(self, n: int, batch: list[ArchConfig]) -> None:
+        tries = 0
+        target = len(batch) + n
+        while len(batch) < target and tries < self.max_tries:
+            tries += 1
+            self._accept(self.space.sample(self.rng), batch)
+        if len(batch) < target:
+            log.warning("found only %d of %d new feasible archs in %d random tries", len(batch), target, tries)
+
+    def tell(self, archs: Sequence[ArchConfig], scores: Sequence[float]) -> None:
+        for arch, score in zip(archs, scores, strict=True):
+            self.scores[arch.key()] = float(score)
+            self.archs[arch.key()] = arch
+        self.generation += 1
+
+    def best(self, k: int = 1) -> list[tuple[ArchConfig, float]]:
+        keys = sorted(self.scores, key=lambda key: -self.scores[key])[:k]
+        return [(self.archs[key], self.scores[key]) for key in keys]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "kind": type(self).__name__,
+            "seed": self.seed,
+            "generation": self.generation,
+            "rng": self.rng.bit_generator.state,
+            "seen": sorted(self.seen),
+            "scores": [[self.archs[k].to_dict(), s] for k, s in self.scores.items()],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("kind") != type(self).__name__:
+            raise ValueError(f"state of a {state.get('kind')} search cannot resume a {type(self).__name__}")
+        self.generation = int(state["generation"])
+        self.rng.bit_generator.state = state["rng"]
+        self.seen = set(state["seen"])
+        self.scores, self.archs = {}, {}
+        for arch_dict, score in state["scores"]:
+            arch = ArchConfig.from_dict(arch_dict)
+            self.scores[arch.key()] = float(score)
+            self.archs[arch.key()] = arch
+
+
+class RandomSearch(_Base):
+    """`population` new random feasible archs per generation: the baseline at equal budget."""
+
+    def ask(self) -> list[ArchConfig]:
+        batch: list[ArchConfig] = []
+        self._random(self.population, batch)
+        return batch
+
+
+class EvolutionSearch(_Base):
+    """AutoFormer's evolution: keep the top `parents`; each generation makes `mutations` mutants and
+    `crossovers` children of same-depth parent pairs, then tops up with random archs."""
+
+    def __init__(
+        self,
+        space: SearchSpace,
+        *,
+        feasible: Feasible | None = None,
+        population: int = 50,
+        parents: int = 10,
+        mutations: int = 25,
+        crossovers: int = 25,
+        layer_prob: float = 0.2,
+        depth_prob: float = 0.4,
+        embed_prob: float = 0.4,
+        generations: int = 20,
+        seed: int = 0,
+        max_tries: int = 5000,
+    ) -> None:
+        super().__init__(
+            space, feasible=feasible, population=population, generations=generations, seed=seed, max_tries=max_tries
+        )
+        self.parents = parents
+        self.mutations = mutations
+        self.crossovers = crossovers
+        self.layer_prob, self.depth_prob, self.embed_prob = layer_prob, depth_prob, embed_prob
+
+    def ask(self) -> list[ArchConfig]:
+        batch: list[ArchConfig] = []
+        top = [a for a, _ in self.best(self.parents)]
+        if top:
+            tries = 0
+            while len(batch) < self.mutations and tries < 10 * self.mutations:
+                tries += 1
+                parent = top[int(self.rng.integers(len(top)))]
+                self._accept(
+                    self.space.mutate(
+                        parent,
+                        self.rng,
+                        layer_prob=self.layer_prob,
+                        depth_prob=self.depth_prob,
+                        embed_prob=self.embed_prob,
+                    ),
+                    batch,
+                )
+            n_mut = len(batch)
+            tries = 0
+            while len(batch) - n_mut < self.crossovers and tries < 10 * self.crossovers:
+                tries += 1
+                a, b = (top[int(i)] for i in self.rng.integers(len(top), size=2))
+                for _ in range(50):  # as the reference: redraw until both parents have the same depth
+                    if a.depth == b.depth:
+                        break
+                    a, b = (top[int(i)] for i in self.rng.integers(len(top), size=2))
+                self._accept(self.space.crossover(a, b, self.rng), batch)
+        self._random(max(self.population - len(batch), 0), batch)
+        return batch
+
+
+class NSGA2Search(_Base):
+    """Multi-objective search (accuracy vs a cost) with pymoo's NSGA-II over an integer encoding.
+
+    Genes: depth, embed_dim, then mlp_ratio and num_heads for every possible layer (layers past the
+    depth are ignored). Infeasible or already-seen genomes are never evaluated: they get the
+    worst objectives (or their recorded score) directly.
+    """
+
+    def __init__(
+        self,
+        space: SearchSpace,
+        *,
+        cost: Callable[[ArchConfig], float],
+        feasible: Feasible | None = None,
+        population: int = 50,
+        generations: int = 20,
+        seed: int = 0,
+        max_tries: int = 5000,
+    ) -> None:
+        super().__init__(
+            space, feasible=feasible, population=population, generations=generations, seed=seed, max_tries=max_tries
+        )
+        from pymoo.algorithms.moo.nsga2 import NSGA2
+        from pymoo.core.problem import Problem
+        from pymoo.operators.crossover.sbx import SBX
+        from pymoo.operators.mutation.pm import PM
+        from pymoo.operators.repair.rounding import RoundingRepair
+        from pymoo.operators.sampling.rnd import IntegerRandomSampling
+
+        self.cost = cost
+        D = max(space.depth)
+        self._D = D
+        upper = (
+            [len(space.depth) - 1, len(space.embed_dim) - 1]
+            + [len(space.mlp_ratio) - 1] * D
+            + [len(space.num_heads) - 1] * D
+        )
+        problem = Problem(
+            n_var=len(upper), n_obj=2, xl=np.zeros(len(upper)), xu=np.array(upper, dtype=float), vtype=int
+        )
+        self._algo = NSGA2(
+            pop_size=population,
+            sampling=IntegerRandomSampling(),
+            crossover=SBX(prob=0.9, eta=15, vtype=float, repair=RoundingRepair()),
+            mutation=PM(eta=20, vtype=float, repair=RoundingRepair()),
+            eliminate_duplicates=True,
+        )
+        self._algo.setup(problem, termination=("n_gen", generations), seed=seed, verbose=False)
+        self._pending = None
+        self._told: list[list[Any]] = []
+
+    def decode(self, x: np.ndarray) -> ArchConfig:
+        s = self.space
+        x = np.asarray(np.round(x), dtype=int)
+        depth = s.depth[x[0]]
+        D = self._D
+        return ArchConfig(
+            s.embed_dim[x[1]],
+            depth,
+            tuple(s.mlp_ratio[i] for i in x[2 : 2 + depth]),
+            tuple(s.num_heads[i] for i in x[2 + D : 2 + D + depth]),
+        )
+
+    def ask(self) -> list[ArchConfig]:
+        self._pending = self._algo.ask()
+        batch: list[ArchConfig] = []
+        for x in self._pending.get("X"):
+            self._accept(self.decode(x), batch)
+        return batch
+
+    def tell(self, archs: Sequence[ArchConfig], scores: Sequence[float]) -> None:
+        for arch, score in zip(archs, scores, strict=True):
+            self.scores[arch.key()] = float(score)
+            self.archs[arch.key()] = arch
+        self._told.append([[a.to_dict() for a in archs], [float(s) for s in scores]])
+        F = []
+        for x in self._pending.get("X"):
+            arch = self.decode(x)
+            key = arch.key()
+            if key in self.scores:
+                F.append([-self.scores[key], self.cost(arch)])
+            else:  # infeasible: never evaluated, dominated by everything
+                F.append([1e9, 1e18])
+        self._pending.set("F", np.array(F, dtype=float))
+        self._algo.tell(infills=self._pending)
+        self._pending = None
+        self.generation += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"kind": type(self).__name__, "seed": self.seed, "generation": self.generation, "told": self._told}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Replay the recorded generations (no evaluation): pymoo's state is rebuilt exactly."""
+        if state.get("kind") != type(self).__name__:
+            raise ValueError(f"state of a {state.get('kind')} search cannot resume a {type(self).__name__}")
+        for archs, scores in state["told"]:
+            asked = self.ask()
+            want = [ArchConfig.from_dict(a) for a in archs]
+            if asked != want:
+                raise ValueError("NSGA-II replay diverged from the saved run (different seed or settings?)")
+            self.tell(asked, scores)
+
+
+STRATEGIES = {"evolution": EvolutionSearch, "random": RandomSearch, "nsga2": NSGA2Search}
+
+
+def build_strategy(name: str, space: SearchSpace, **kwargs: Any) -> Strategy:
+    if name not in STRATEGIES:
+        raise ValueError(f"unknown search strategy {name!r}; choose one of {sorted(STRATEGIES)}")
+    cls = STRATEGIES[name]
+    if name != "nsga2":
+        kwargs.pop("cost", None)
+    if name == "random":
+        for key in ("parents", "mutations", "crossovers", "layer_prob", "depth_prob", "embed_prob"):
+            kwargs.pop(key, None)
+    return cls(space, **kwargs)
