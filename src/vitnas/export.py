@@ -74,6 +74,7 @@ def export_onnx(model: VisionTransformer, path: str | Path, *, batch: int = 2, a
     tmp = path.with_name(f".{path.name}.tmp")
     with warnings.catch_warnings():  # shapes are static per model: the tracer's constant-folding notes are moot
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
         torch.onnx.export(
             model,
             (x,),

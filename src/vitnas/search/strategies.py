@@ -294,7 +294,7 @@ def build_strategy(name: str, space: SearchSpace, **kwargs: Any) -> Strategy:
     cls = STRATEGIES[name]
     if name != "nsga2":
         kwargs.pop("cost", None)
-    if name == "random":
+    if name != "evolution":
         for key in ("parents", "mutations", "crossovers", "layer_prob", "depth_prob", "embed_prob"):
             kwargs.pop(key, None)
     return cls(space, **kwargs)

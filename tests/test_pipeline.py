@@ -1,0 +1,99 @@
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import yaml
+
+from vitnas import SearchSpace, ViTSupernet
+from vitnas.cli import main as cli_main
+from vitnas.costs.latency import LatencyTable
+from vitnas.export import load_subnet
+from vitnas.pipeline import PipelineConfig, run_pipeline
+
+QUICK = {
+    "train": {
+        "space": "digits",
+        "recipe": "digits",
+        "val_per_class": 20,
+        "epochs": 2,
+        "batch_size": 64,
+        "lr": 1e-2,
+        "warmup_epochs": 0.5,
+        "drop_path": 0.0,
+        "threads": 1,
+    },
+    "search": {
+        "strategy": "evolution",
+        "population": 6,
+        "generations": 2,
+        "parents": 3,
+        "mutations": 2,
+        "crossovers": 2,
+        "constraints": {"params": [None, 120000], "latency_ms": [None, 1000]},
+    },
+    "finetune_epochs": 1,
+    "onnx": True,
+    "latency_check": 2,
+}
+
+
+def test_pipeline_end_to_end(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("VITNAS_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "search.yaml"
+    path.write_text(yaml.safe_dump({**QUICK, "out_dir": str(tmp_path / "run")}))
+    assert cli_main(["search", "--config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "Pareto front" in out and "best subnet" in out and "exported to" in out
+    run = tmp_path / "run"
+    for name in (
+        "candidates.png",
+        "progress.png",
+        "summary.json",
+        "search/evolution/candidates.jsonl",
+        "search/evolution/pareto.json",
+        "search/evolution/best.yaml",
+        "search/random/candidates.jsonl",
+        "export/model.safetensors",
+        "export/arch.yaml",
+        "export/config.json",
+        "export/model.onnx",
+    ):
+        assert (run / name).is_file(), name
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["strategies"]["evolution"]["evaluations"] == summary["strategies"]["random"]["evaluations"] == 12
+    assert summary["best"]["params"] <= 120000
+    assert summary["latency_table"]["n"] == 2
+    model = load_subnet(run / "export")
+    assert model.num_classes == 10
+    # A rerun continues: training and search are complete, nothing is recomputed.
+    again = run_pipeline(PipelineConfig.from_yaml(path))
+    assert again["best"]["arch"] == summary["best"]["arch"]
+
+
+def test_pipeline_config_errors(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("search: {population: 4}\nfine_tune: 3\n")
+    with pytest.raises(ValueError, match="unknown key 'fine_tune'"):
+        PipelineConfig.from_yaml(path)
+    cfg = PipelineConfig(
+        out_dir=str(tmp_path / "x"), train=QUICK["train"], search={"constraints": {"params": [None, 1000]}}
+    )
+    with pytest.raises(ValueError, match="no arch in space 'digits' can meet params"):
+        run_pipeline(cfg)
+
+
+def test_latency_table_predicts_and_caches(tmp_path):
+    space = SearchSpace.preset("digits")
+    net = ViTSupernet(space, num_classes=10)
+    table = LatencyTable.build(space, net.model_kwargs, cache_dir=tmp_path, reps=3, warmup=1)
+    assert len(table.entries) == 3 * 3 * 3 + 3
+    rng = np.random.default_rng(0)
+    arch = space.sample(rng)
+    assert table.predict(arch) > 0
+    assert table.predict(space.largest()) > table.predict(space.smallest())
+    again = LatencyTable.build(space, net.model_kwargs, cache_dir=tmp_path)
+    assert again.entries == table.entries  # read from the cache, not measured again
+    report = table.error_report(net, [space.sample(rng) for _ in range(3)], reps=3)
+    assert report["n"] == 3 and report["mean_abs_rel_error"] >= 0
