@@ -57,3 +57,15 @@ def test_index_is_cached_per_grid_and_device():
     assert a.index is b.index
     assert a.index.shape == (197, 2 + 14 + 14)
     assert relpos_index((7, 14), 14, 1, torch.device("cpu")).index.shape == (99, 2 + 7 + 14)
+
+
+def test_index_made_in_inference_mode_serves_training():
+    from vitnas.nn.relpos import _relpos_index_cached
+
+    _relpos_index_cached.cache_clear()
+    with torch.inference_mode():
+        relpos_index((3, 3), 2, 1, torch.device("cpu"))
+    q = torch.randn(1, 1, 10, 4, requires_grad=True)
+    tables = torch.randn(12, 4, requires_grad=True)
+    relpos_logits(q, tables, relpos_index((3, 3), 2, 1, torch.device("cpu"))).sum().backward()
+    assert q.grad is not None and tables.grad is not None

@@ -76,8 +76,10 @@ def _relpos_index_cached(grid_h: int, grid_w: int, max_distance: int, num_prefix
 
 
 def relpos_index(grid: tuple[int, int], max_distance: int, num_prefix: int, device: torch.device) -> RelPosIndex:
-    """Bucket ids for a grid, cached per (grid, max_distance, prefix, device)."""
-    return _relpos_index_cached(int(grid[0]), int(grid[1]), int(max_distance), int(num_prefix), str(device))
+    """Bucket ids for a grid, cached per (grid, max_distance, prefix, device). Built outside inference
+    mode, so an index first made during evaluation can still be used by a training step."""
+    with torch.inference_mode(False):
+        return _relpos_index_cached(int(grid[0]), int(grid[1]), int(max_distance), int(num_prefix), str(device))
 
 
 def _num_prefix(n_tokens: int, grid: tuple[int, int]) -> int:
