@@ -73,11 +73,24 @@ def main() -> None:
         for seed in range(args.seeds):
             for name in best:
                 strategy = build_strategy(
-                    name, space, feasible=lambda a: supernet.num_params(a) <= params_max, seed=seed,
-                    population=args.population, generations=args.generations, parents=max(args.population // 4, 2),
-                    mutations=args.population // 2, crossovers=args.population // 2)
-                r = run_search(strategy, evaluate, costs=costs, constraints=constraints,
-                               out_dir=Path(tmp) / f"{name}{seed}", resume=False)
+                    name,
+                    space,
+                    feasible=lambda a: supernet.num_params(a) <= params_max,
+                    seed=seed,
+                    population=args.population,
+                    generations=args.generations,
+                    parents=max(args.population // 4, 2),
+                    mutations=args.population // 2,
+                    crossovers=args.population // 2,
+                )
+                r = run_search(
+                    strategy,
+                    evaluate,
+                    costs=costs,
+                    constraints=constraints,
+                    out_dir=Path(tmp) / f"{name}{seed}",
+                    resume=False,
+                )
                 best[name].append(r.best["top1"])
                 curves[name].append(r.best_per_generation)
                 if name == "evolution" and seed == 0:
@@ -94,25 +107,41 @@ def main() -> None:
         for i, row in enumerate(picks):
             arch_path = Path(tmp) / f"arch{i}.yaml"
             ArchConfig.from_dict(row["arch"]).to_yaml(arch_path)
-            tc = TrainConfig(**{**cfg, "task": "subnet", "arch": str(arch_path), "epochs": args.tau_epochs,
-                                "warmup_epochs": 0.2, "out_dir": str(Path(tmp) / f"run{i}"), "init_from": None,
-                                "ckpt_every": 10**6})
+            tc = TrainConfig(
+                **{
+                    **cfg,
+                    "task": "subnet",
+                    "arch": str(arch_path),
+                    "epochs": args.tau_epochs,
+                    "warmup_epochs": 0.2,
+                    "out_dir": str(Path(tmp) / f"run{i}"),
+                    "init_from": None,
+                    "ckpt_every": 10**6,
+                }
+            )
             trainer = Trainer(tc, data=small)
             trainer.fit()
             standalone.append(trainer.history[-1]["val_top1"])
     tau_seconds = time.perf_counter() - t
     tau = kendalltau([r["top1"] for r in picks], standalone)
     result = {
-        "benchmark": "search_cifar", "checkpoint": args.checkpoint, "threads": args.threads,
-        "params_max": params_max, "space_params_range": [lo, hi], "seeds": args.seeds,
+        "benchmark": "search_cifar",
+        "checkpoint": args.checkpoint,
+        "threads": args.threads,
+        "params_max": params_max,
+        "space_params_range": [lo, hi],
+        "seeds": args.seeds,
         "budget_per_run": args.population * args.generations,
         "evolution_best_val_top1": [round(x, 2) for x in best["evolution"]],
         "random_best_val_top1": [round(x, 2) for x in best["random"]],
         "evolution_mean": round(float(np.mean(best["evolution"])), 2),
         "random_mean": round(float(np.mean(best["random"])), 2),
-        "unique_evaluations": len(memo), "candidates_per_minute": round(60 * len(memo) / eval_seconds[0], 1),
-        "kendall_tau": round(float(tau.statistic), 3), "kendall_p": round(float(tau.pvalue), 4),
-        "tau_archs": [r["key"] for r in picks], "tau_inherited_top1": [round(r["top1"], 2) for r in picks],
+        "unique_evaluations": len(memo),
+        "candidates_per_minute": round(60 * len(memo) / eval_seconds[0], 1),
+        "kendall_tau": round(float(tau.statistic), 3),
+        "kendall_p": round(float(tau.pvalue), 4),
+        "tau_archs": [r["key"] for r in picks],
+        "tau_inherited_top1": [round(r["top1"], 2) for r in picks],
         "tau_standalone_top1": [round(x, 2) for x in standalone],
         "tau_training": f"{args.tau_epochs} epochs on {args.tau_train_images} training images, from scratch",
         "tau_minutes": round(tau_seconds / 60, 1),

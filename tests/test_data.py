@@ -145,3 +145,18 @@ def test_cifar_folder_layout():
     index.paths, index.labels = index.paths[:64], index.labels[:64]
     images, _ = decode_images(index, workers=1)
     assert images.shape == (64, 3, 32, 32)
+
+
+def test_non_image_file_is_named(tmp_path):
+    make_folder(tmp_path, "train", {"cat": 3, "dog": 3})
+    make_folder(tmp_path, "test", {"cat": 1, "dog": 1})
+    (tmp_path / "train" / "cat" / "notes.txt").write_text("labels are hard")
+    (tmp_path / "train" / "cat" / "Thumbs.db").write_bytes(b"\0\0")  # OS litter is ignored
+    with pytest.raises(DataError, match=r"cat/notes.txt: not a readable image"):
+        load_data(tmp_path, val_per_class=1, cache_dir=tmp_path / "c")
+
+
+def test_digits_test_split_does_not_depend_on_the_seed():
+    a, b = load_digits(seed=0), load_digits(seed=5)
+    assert torch.equal(a.test.images, b.test.images)
+    assert not torch.equal(a.val.images, b.val.images)

@@ -137,3 +137,27 @@ def test_export_round_trip_and_onnx(tmp_path):
     assert ArchConfig.from_yaml(tmp_path / "exp" / "arch.yaml") == arch
     with pytest.raises(FileNotFoundError, match="config.json"):
         load_subnet(tmp_path)
+
+
+def test_resuming_with_other_settings_is_refused_and_fresh_starts_over(tmp_path):
+    run("evolution", tmp_path, generations=2)
+    narrower = Constraints.from_dict({"params": [None, 7.0e6]})
+    with pytest.raises(ValueError, match=r"holds a search made with other settings \(constraints"):
+        run("evolution", tmp_path, narrower, generations=2)
+    fresh = run("evolution", tmp_path, narrower, generations=2, resume=False)
+    assert all(r["params"] <= 7.0e6 for r in fresh.candidates)
+    assert all(
+        json.loads(line)["params"] <= 7.0e6
+        for line in (tmp_path / "evolution" / "candidates.jsonl").read_text().splitlines()
+    )
+
+
+def test_a_line_cut_by_a_crash_is_dropped_and_re_evaluated(tmp_path):
+    full = run("random", tmp_path / "a", generations=2)
+    path = tmp_path / "a" / "random" / "candidates.jsonl"
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:15])  # torn last line, no state change
+    (tmp_path / "a" / "random" / "state.json").unlink()  # crashed before the first state write
+    again = run("random", tmp_path / "a", generations=2)
+    assert [r["key"] for r in again.candidates] == [r["key"] for r in full.candidates]
+    assert all(json.loads(x) for x in path.read_text().splitlines())

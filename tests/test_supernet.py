@@ -196,3 +196,16 @@ def test_autoformer_qkv_layout_extracts_exactly():
     w2 = net.blocks[0].attn.active_params(128, 2)["qkv.bias"]
     w4 = net.blocks[0].attn.active_params(128, 4)["qkv.bias"]
     assert torch.equal(w2[64:96], w4[64:96]) and not torch.equal(w2[64:96], w4[128:160])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", AUTOFORMER)
+def test_extraction_at_full_resolution_for_twenty_archs(name):
+    space = SearchSpace.preset(name)
+    net = ViTSupernet(space, num_classes=1000).eval()
+    randomize_(net)
+    rng = np.random.default_rng(11)
+    x = torch.randn(1, 3, 224, 224)
+    for arch in [space.sample(rng) for _ in range(20)]:
+        with torch.no_grad(), net.active(arch):
+            torch.testing.assert_close(net.extract(arch)(x), net(x), atol=1e-5, rtol=0)

@@ -245,3 +245,41 @@ def test_cli_retrain_and_evaluate(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "test split of digits" in out and "359" in out
     assert (tmp_path / "r" / "metrics.csv").is_file() and any((tmp_path / "r" / "tb").iterdir())
+
+
+def test_runs_never_overwrite_and_resume_checks_settings(tmp_path):
+    cfg = TrainConfig(**{**TINY, "epochs": 1}, out_dir=str(tmp_path))
+    first = Trainer(cfg)
+    first.total_steps = 2
+    first.fit()
+    with pytest.raises(ValueError, match="last.safetensors exists: pass --resume"):
+        Trainer(cfg).fit()
+    changed = TrainConfig(**{**TINY, "epochs": 1, "lr": 1e-3}, out_dir=str(tmp_path))
+    with pytest.raises(ValueError, match=r"written by a run with lr=0.004; this run has lr=0.001"):
+        Trainer(changed, resume=True).fit()
+
+
+def test_fine_tune_must_share_the_supernet_split(tmp_path):
+    sup = Trainer(TrainConfig(**{**TINY, "epochs": 1}, out_dir=str(tmp_path / "sup")))
+    sup.total_steps = 1
+    sup.fit()
+    ArchConfig(96, 4, (2.0,) * 4, (2,) * 4).to_yaml(tmp_path / "a.yaml")
+    cfg = TrainConfig(
+        **{**TINY, "seed": 1},
+        task="subnet",
+        arch=str(tmp_path / "a.yaml"),
+        init_from=str(tmp_path / "sup" / "last.safetensors"),
+        out_dir=str(tmp_path / "sub"),
+    )
+    with pytest.raises(ValueError, match=r"trained with seed=0, this run has seed=1"):
+        Trainer(cfg)
+
+
+def test_yaml_numbers_without_a_dot(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("lr: 5e-4\nepochs: 3\nclip_grad: null\n")
+    cfg = TrainConfig.from_yaml(path)
+    assert cfg.lr == 5e-4 and isinstance(cfg.lr, float) and cfg.clip_grad is None
+    path.write_text("lr: fast\n")
+    with pytest.raises(ValueError, match=r"c.yaml: lr must be float, got 'fast'"):
+        TrainConfig.from_yaml(path)

@@ -35,17 +35,21 @@ def evaluate(
     was_training = model.training
     model.eval()
     ctx = model.active(arch) if arch is not None else contextlib.nullcontext()
+    if len(split) == 0:
+        raise ValueError("cannot evaluate on an empty split")
     totals = torch.zeros(3, dtype=torch.float64)
-    with ctx:
-        for images, labels in split.sequential(batch_size, rank, world):
-            x = eval_transform(images.to(device), img_size, norm)
-            logits = model(x).float()
-            labels = labels.to(device)
-            totals[0] += F.cross_entropy(logits, labels, reduction="sum").item()
-            totals[1] += (logits.argmax(-1) == labels).sum().item()
-            totals[2] += labels.numel()
+    try:
+        with ctx:
+            for images, labels in split.sequential(batch_size, rank, world):
+                x = eval_transform(images.to(device), img_size, norm)
+                logits = model(x).float()
+                labels = labels.to(device)
+                totals[0] += F.cross_entropy(logits, labels, reduction="sum").item()
+                totals[1] += (logits.argmax(-1) == labels).sum().item()
+                totals[2] += labels.numel()
+    finally:
+        model.train(was_training)
     if reduce is not None:
         totals = reduce(totals)
-    model.train(was_training)
     n = max(totals[2].item(), 1.0)
     return {"top1": 100.0 * totals[1].item() / n, "loss": totals[0].item() / n, "n": int(totals[2].item())}

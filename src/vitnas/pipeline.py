@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from vitnas._config import check_fields
 from vitnas._io import atomic_write_text
 from vitnas.space.arch import ArchConfig
 from vitnas.space.yaml_io import load_yaml
@@ -36,23 +37,32 @@ class PipelineConfig:
     finetune: dict[str, Any] = field(default_factory=dict)  # TrainConfig overrides for the fine-tune
     latency_check: int = 8  # archs on which the latency table's prediction error is measured
 
+    source: str = field(default="pipeline config", repr=False, compare=False)  # names errors
+
     @classmethod
     def from_yaml(cls, path: str | Path) -> PipelineConfig:
         data = load_yaml(path) or {}
-        names = [f.name for f in dataclasses.fields(cls)]
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping with keys such as out_dir, train, search")
+        names = [f.name for f in dataclasses.fields(cls) if f.name != "source"]
         for key in data:
             if key not in names:
                 raise ValueError(f"{path}: unknown key {key!r}; expected one of {names}")
-        return cls(**data)
+        obj = cls(**data, source=str(path))
+        check_fields(obj, str(path))
+        return obj
 
 
 def run_pipeline(
     cfg: PipelineConfig,
     *,
+    device: str | torch.device | None = None,
     progress: Callable[[str, int, int], None] | None = None,
     train_progress: Callable | None = None,
     resume: bool = True,
 ) -> dict[str, Any]:
+    import os
+
     from vitnas.costs.latency import LatencyTable, measure_latency
     from vitnas.data import AugmentConfig, load_data
     from vitnas.evaluation import evaluate
@@ -61,26 +71,43 @@ def run_pipeline(
     from vitnas.search import Constraints, SearchConfig, build_strategy, pareto_front, run_search
     from vitnas.search.evaluator import SupernetEvaluator
     from vitnas.train import TrainConfig, Trainer, load_model
+    from vitnas.train.checkpoint import read_metadata
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError(
+            "vitnas search runs as one process; train the supernet with torchrun "
+            "(vitnas train-supernet) and pass it here with --checkpoint"
+        )
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    src = cfg.source
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     timings: dict[str, float] = {}
-    scfg = SearchConfig.from_dict(cfg.search, source=f"{cfg.out_dir}: search")
+    scfg = SearchConfig.from_dict(cfg.search, source=f"{src}: search")
     constraints = Constraints.from_dict(scfg.constraints)
+    if not resume:  # start over, keeping the old checkpoints aside rather than deleting them
+        for stage in ("supernet", "finetune"):
+            old = out / stage / "last.safetensors"
+            if old.is_file():
+                old.replace(old.with_suffix(".safetensors.old"))
+                log.warning("moved %s aside to %s", old, old.with_suffix(".safetensors.old"))
 
     # 1. supernet
     t = time.perf_counter()
-    train_cfg = TrainConfig.from_dict(
-        {**cfg.train, "task": "supernet", "out_dir": str(out / "supernet")}, source="train"
-    )
     ckpt = Path(cfg.checkpoint) if cfg.checkpoint else out / "supernet" / "last.safetensors"
     if not cfg.checkpoint:
-        trainer = Trainer(train_cfg, resume=resume, progress=train_progress)
-        done = trainer.ckpt_path.is_file() and json.loads(_meta(trainer.ckpt_path))["step"] >= trainer.total_steps
+        train_cfg = TrainConfig.from_dict(
+            {**cfg.train, "task": "supernet", "out_dir": str(out / "supernet")}, source=f"{src}: train"
+        )
+        trainer = Trainer(train_cfg, resume=True, progress=train_progress, device=device)
+        done = trainer.ckpt_path.is_file() and read_metadata(trainer.ckpt_path)["step"] >= trainer.total_steps
         if not done:
             trainer.fit()
         data = trainer.data
+    if read_metadata(ckpt)["model"]["kind"] != "supernet":
+        raise ValueError(f"{ckpt}: checkpoint must hold a supernet, this one holds a single model")
     supernet, meta = load_model(ckpt)
+    supernet = supernet.to(device)
     tcfg = meta["config"]
     if cfg.checkpoint:
         data = load_data(
@@ -96,7 +123,7 @@ def run_pipeline(
     costs: dict[str, Callable[[ArchConfig], float]] = {"params": supernet.num_params, "macs": supernet.num_macs}
     lut = None
     if "latency_ms" in constraints.windows or scfg.cost == "latency_ms":
-        lut = LatencyTable.build(space, supernet.model_kwargs, batch=scfg.latency_batch)
+        lut = LatencyTable.build(space, supernet.model_kwargs, batch=scfg.latency_batch, device=device)
         costs["latency_ms"] = lut.predict
     ranges = constraints.check_feasible(space, costs)
 
@@ -105,7 +132,17 @@ def run_pipeline(
 
     # 3. search (and the random baseline at equal budget)
     t = time.perf_counter()
-    evaluator = SupernetEvaluator(supernet, data.val, img_size=img_size, norm=norm, batch_size=scfg.batch_size)
+    evaluator = SupernetEvaluator(
+        supernet, data.val, img_size=img_size, norm=norm, batch_size=scfg.batch_size, device=device
+    )
+    memo: dict[str, dict[str, float]] = {}  # the baseline reuses scores of archs the main search evaluated
+
+    def evaluate_once(arch: ArchConfig) -> dict[str, float]:
+        if arch.key() not in memo:
+            memo[arch.key()] = evaluator(arch)
+        return memo[arch.key()]
+
+    identity = {**scfg.to_dict(), "supernet": str(ckpt), "supernet_step": meta["step"]}
     strategies = [scfg.strategy] + (["random"] if cfg.baseline and scfg.strategy != "random" else [])
     results = {}
     budget = scfg.population * scfg.generations
@@ -118,14 +155,14 @@ def run_pipeline(
 
         results[name] = run_search(
             strategy,
-            evaluator,
+            evaluate_once,
             costs=costs,
             constraints=constraints,
             out_dir=out / "search" / name,
             cost=scfg.cost,
             resume=resume,
             progress=step,
-            config=scfg.to_dict(),
+            config=identity,
         )
     timings["search"] = time.perf_counter() - t
     main = results[scfg.strategy]
@@ -160,9 +197,11 @@ def run_pipeline(
     if cfg.finetune_epochs > 0:
         t = time.perf_counter()
         arch_path = out / "search" / scfg.strategy / "best.yaml"
+        # The fine-tune shares the supernet's data split (checked by the trainer) and settings.
+        base = {k: v for k, v in tcfg.items() if k not in ("task", "out_dir", "arch", "init_from")}
         ft_cfg = TrainConfig.from_dict(
             {
-                **cfg.train,
+                **base,
                 "epochs": cfg.finetune_epochs,
                 "warmup_epochs": 0.0,
                 **cfg.finetune,
@@ -171,27 +210,31 @@ def run_pipeline(
                 "init_from": str(ckpt),
                 "out_dir": str(out / "finetune"),
             },
-            source="finetune",
+            source=f"{src}: finetune",
         )
-        ft = Trainer(ft_cfg, data=data, resume=resume, progress=train_progress)
-        ft.fit()
+        ft = Trainer(ft_cfg, data=data, resume=True, progress=train_progress, device=device)
+        if not (ft.ckpt_path.is_file() and read_metadata(ft.ckpt_path)["step"] >= ft.total_steps):
+            ft.fit()
+        else:
+            ft.load(ft.ckpt_path)
         model = ft.model.eval()
+        norm, img_size = ft.aug_cfg, ft.img_size
         finetune_top1 = ft.history[-1]["val_top1"] if ft.history else None
         record["finetune"] = {"epochs": cfg.finetune_epochs, "val_top1": finetune_top1}
         timings["finetune"] = time.perf_counter() - t
-    model = model.eval()
-    test = evaluate(model, data.test, img_size=img_size, norm=norm)
+    model = model.eval().to(device)
+    test = evaluate(model, data.test, img_size=img_size, norm=norm, device=device)  # reported, never ranked on
     record["test_top1"] = test["top1"]
     h, w = model.config["img_size"]
-    latency = measure_latency(model, torch.randn(scfg.latency_batch, 3, h, w))
-    export_dir = export_subnet(model, out / "export", extra=record, onnx=cfg.onnx)
+    latency = measure_latency(model, torch.randn(scfg.latency_batch, 3, h, w, device=device))
+    export_dir = export_subnet(model.cpu(), out / "export", extra=record, onnx=cfg.onnx)
     lut_report = None
     if lut is not None and cfg.latency_check > 0:
         import numpy as np
 
         rng = np.random.default_rng(0)
         lut_report = lut.error_report(
-            supernet, [space.sample(rng) for _ in range(cfg.latency_check)], batch=scfg.latency_batch
+            supernet, [space.sample(rng) for _ in range(cfg.latency_check)], batch=scfg.latency_batch, device=device
         )
     summary = {
         "data": data.summary(),
@@ -228,10 +271,3 @@ def run_pipeline(
     }
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=1, default=str))
     return summary
-
-
-def _meta(path: Path) -> str:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        return f.metadata()["vitnas"]

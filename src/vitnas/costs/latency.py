@@ -69,9 +69,14 @@ class LatencyTable:
         return f"block/{embed}/{heads}/{hidden}"
 
     def predict(self, arch: ArchConfig) -> float:
-        total = self.entries[f"stem/{arch.embed_dim}"]
-        for h, hidden in zip(arch.num_heads, arch.hidden_dims()):
-            total += self.entries[self._block_key(arch.embed_dim, h, hidden)]
+        try:
+            total = self.entries[f"stem/{arch.embed_dim}"]
+            for h, hidden in zip(arch.num_heads, arch.hidden_dims()):
+                total += self.entries[self._block_key(arch.embed_dim, h, hidden)]
+        except KeyError as err:
+            raise ValueError(
+                f"the latency table has no entry {err.args[0]!r}: {arch.key()} uses a value outside the space's choices"
+            ) from None
         return total
 
     __call__ = predict
@@ -108,9 +113,12 @@ class LatencyTable:
         )
         path = cache / f"{space.name}-b{batch}-{digest}.json"
         if path.is_file():
-            data = json.loads(path.read_text())
-            log.info("latency table from %s", path)
-            return cls(data["entries"], data["meta"])
+            try:
+                data = json.loads(path.read_text())
+                log.info("latency table from %s", path)
+                return cls(data["entries"], data["meta"])
+            except (json.JSONDecodeError, KeyError) as err:  # a damaged cache is measured again
+                log.warning("ignoring unreadable latency cache %s: %s", path, err)
         kw = dict(model_kwargs)
         h, w = kw["img_size"] if isinstance(kw["img_size"], (list, tuple)) else (kw["img_size"],) * 2
         tokens = (h // kw["patch_size"]) * (w // kw["patch_size"]) + 1
@@ -123,7 +131,15 @@ class LatencyTable:
             for heads in space.num_heads:
                 for r in space.mlp_ratio:
                     hidden = int(e * r)
-                    block = Block(e, heads, hidden, head_dim=space.head_dim, rel_pos_max=rel).to(device)
+                    block = Block(
+                        e,
+                        heads,
+                        hidden,
+                        head_dim=space.head_dim,
+                        rel_pos_max=rel,
+                        qkv_bias=kw.get("qkv_bias", True),
+                        norm_eps=kw.get("norm_eps", 1e-5),
+                    ).to(device)
                     entries[cls._block_key(e, heads, hidden)] = measure_latency(
                         _WithGrid(block, grid), x, warmup=warmup, reps=reps
                     )

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from vitnas.data.folder import DataError, _decode_one, load_cached_split, scan_image_folder
+from vitnas.data.folder import DataError, _decode_one, load_cached_split, scan_image_folder, verify_images
 
 __all__ = ["ImageData", "Split", "load_data", "load_digits", "holdout_split", "epoch_batches"]
 
@@ -112,7 +112,9 @@ class ImageData:
         )
 
 
-def holdout_split(labels: torch.Tensor, per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def holdout_split(
+    labels: torch.Tensor, per_class: int, seed: int, classes: list[str] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """(train indices, validation indices): `per_class` images of every class go to validation."""
     labels_np = labels.numpy()
     rng = np.random.default_rng([seed, 7919])
@@ -120,8 +122,9 @@ def holdout_split(labels: torch.Tensor, per_class: int, seed: int) -> tuple[np.n
     for c in np.unique(labels_np):
         idx = np.flatnonzero(labels_np == c)
         if len(idx) <= per_class:
+            name = classes[int(c)] if classes else int(c)
             raise DataError(
-                f"class {int(c)} has {len(idx)} training images, too few to hold out {per_class} "
+                f"class {name!r} has {len(idx)} training images, too few to hold out {per_class} "
                 f"for validation (lower val_per_class)"
             )
         val.append(rng.choice(idx, size=per_class, replace=False))
@@ -162,8 +165,8 @@ def load_digits(img_size: int = 32, val_per_class: int = 20, seed: int = 0, test
     images = torch.nn.functional.interpolate(images, size=(img_size, img_size), mode="bilinear", align_corners=False)
     images = (images.clamp(0, 1) * 255).round().to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
     labels = torch.from_numpy(d.target).long()
-    rng = np.random.default_rng([seed, 31])
-    perm = rng.permutation(len(labels))
+    # The test split is fixed (not drawn from `seed`): runs with other seeds never train on its images.
+    perm = np.random.default_rng(31).permutation(len(labels))
     n_test = int(len(labels) * test_fraction)
     test_idx, rest = np.sort(perm[:n_test]), np.sort(perm[n_test:])
     full_train = Split(labels[rest], images=images[rest])
@@ -202,11 +205,16 @@ def load_data(
     root = Path(data_path)
     train_index = scan_image_folder(root, "train")
     test_name = _test_split_name(root)
-    if stream is None:
-        arr, err = _decode_one((str(train_index.paths[0]), None))
-        if err is not None and not skip_bad:
-            raise DataError(err)
-        stream = arr is None or max(arr.shape[1:]) > CACHE_MAX_SIDE
+    if stream is None:  # decided by the first readable image
+        for path in train_index.paths:
+            arr, err = _decode_one((str(path), None))
+            if err is None:
+                break
+            if not skip_bad:
+                raise DataError(err + "; pass skip_bad=True (--skip-bad-images) to skip such files")
+        else:
+            raise DataError(f"{root / 'train'}: no readable images")
+        stream = max(arr.shape[1:]) > CACHE_MAX_SIDE
     if not stream:
         x, y, classes = load_cached_split(root, "train", size=img_size, skip_bad=skip_bad, cache_dir=cache_dir)
         tx, ty, _ = load_cached_split(
@@ -218,10 +226,13 @@ def load_data(
             raise DataError(f"{root}: large images stream from disk and need an explicit img_size")
         load = int(round(img_size / 0.875)) if img_size >= 64 else img_size
         test_index = scan_image_folder(root, test_name, classes=train_index.classes)
+        if skip_bad:  # streamed files are checked up front (headers only), not hours into training
+            verify_images(train_index)
+            verify_images(test_index)
         classes = train_index.classes
         full = Split(torch.tensor(train_index.labels), paths=train_index.paths, load_size=load, workers=workers)
         test = Split(torch.tensor(test_index.labels), paths=test_index.paths, load_size=load, workers=workers)
-    tr, va = holdout_split(full.labels, val_per_class, seed)
+    tr, va = holdout_split(full.labels, val_per_class, seed, classes)
     data = ImageData(root.name, classes, full.subset(tr), full.subset(va), test)
     log.info("%s", data.summary())
     return data

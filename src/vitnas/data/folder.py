@@ -24,7 +24,9 @@ __all__ = ["FolderIndex", "scan_image_folder", "decode_images", "load_cached_spl
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+# Files that operating systems leave in folders; never images, never an error.
+IGNORED_FILES = ("thumbs.db", "desktop.ini")
 
 
 class DataError(ValueError):
@@ -63,13 +65,36 @@ def scan_image_folder(root: str | Path, split: str, *, classes: list[str] | None
         )
     paths, labels = [], []
     for label, name in enumerate(found):
-        files = sorted(f for f in (split_dir / name).iterdir() if f.is_file() and not f.name.startswith("."))
+        files = sorted(
+            f
+            for f in (split_dir / name).iterdir()
+            if f.is_file() and not f.name.startswith(".") and f.name.lower() not in IGNORED_FILES
+        )
         if not files:
             raise DataError(f"{split_dir / name}: empty class folder (no files)")
         for f in files:
-            paths.append(f)
+            paths.append(f)  # other extensions stay in, so decoding names them as non-images
             labels.append(label)
     return FolderIndex(root, found, paths, labels)
+
+
+def verify_images(index: FolderIndex) -> None:
+    """Drop files whose image header does not parse (cheap: no decoding), counting them in `skipped`."""
+    keep_p, keep_l = [], []
+    for path, label in zip(index.paths, index.labels):
+        try:
+            with Image.open(path) as im:
+                im.verify()
+        except Exception as err:
+            index.skipped.append(f"{path}: not a readable image ({type(err).__name__}: {err})")
+            continue
+        keep_p.append(path)
+        keep_l.append(label)
+    if index.skipped:
+        log.warning(
+            "skipped %d unreadable files under %s (first: %s)", len(index.skipped), index.root, index.skipped[0]
+        )
+    index.paths, index.labels = keep_p, keep_l
 
 
 def _decode_one(args: tuple[str, int | None]) -> tuple[np.ndarray | None, str | None]:
@@ -80,7 +105,7 @@ def _decode_one(args: tuple[str, int | None]) -> tuple[np.ndarray | None, str | 
             if size is not None and im.size != (size, size):
                 im = _resize_center_crop(im, size)
             return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1).copy(), None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         return None, f"{path}: not a readable image ({type(err).__name__}: {err})"
 
 

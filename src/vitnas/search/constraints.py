@@ -19,15 +19,24 @@ class InfeasibleConstraint(ValueError):
     """No arch of the space can meet a constraint."""
 
 
-def _window(value: Any, name: str) -> tuple[float, float]:
-    if isinstance(value, (int, float)):
-        return (0.0, float(value))  # a single number is an upper bound
-    if not isinstance(value, (list, tuple)) or len(value) != 2:
-        raise ValueError(f"constraint {name} must be [min, max] (use null for an open end), got {value!r}")
-    lo = 0.0 if value[0] is None else float(value[0])
-    hi = float("inf") if value[1] is None else float(value[1])
+def _number(value: Any, name: str, source: str) -> float:
+    if isinstance(value, bool):
+        raise ValueError(f"{source}: constraint {name} bounds must be numbers, got {value!r}")
+    try:
+        return float(value)  # YAML reads 150e3 as a string
+    except (TypeError, ValueError):
+        raise ValueError(f"{source}: constraint {name} bounds must be numbers, got {value!r}") from None
+
+
+def _window(value: Any, name: str, source: str) -> tuple[float, float]:
+    if not isinstance(value, (list, tuple)):
+        return (0.0, _number(value, name, source))  # a single number is an upper bound
+    if len(value) != 2:
+        raise ValueError(f"{source}: constraint {name} must be [min, max] (null for an open end), got {value!r}")
+    lo = 0.0 if value[0] is None else _number(value[0], name, source)
+    hi = float("inf") if value[1] is None else _number(value[1], name, source)
     if lo > hi:
-        raise ValueError(f"constraint {name}: min {lo:g} is above max {hi:g}")
+        raise ValueError(f"{source}: constraint {name}: min {lo:g} is above max {hi:g}")
     return lo, hi
 
 
@@ -38,13 +47,15 @@ class Constraints:
     windows: Mapping[str, tuple[float, float]] = field(default_factory=dict)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any] | None) -> Constraints:
+    def from_dict(cls, data: Mapping[str, Any] | None, *, source: str = "constraints") -> Constraints:
+        if data is not None and not isinstance(data, Mapping):
+            raise ValueError(f"{source}: constraints must be a mapping like {{params: [null, 5.0e6]}}, got {data!r}")
         windows = {}
         for name, value in (data or {}).items():
             if name not in COSTS:
-                raise ValueError(f"unknown constraint {name!r}; expected one of {list(COSTS)}")
+                raise ValueError(f"{source}: unknown constraint {name!r}; expected one of {list(COSTS)}")
             if value is not None:
-                windows[name] = _window(value, name)
+                windows[name] = _window(value, name, source)
         return cls(windows)
 
     def to_dict(self) -> dict[str, list[float | None]]:

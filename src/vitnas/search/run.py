@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from vitnas._config import check_fields, check_range
 from vitnas._io import atomic_write_text
 from vitnas.search.constraints import Constraints
 from vitnas.search.strategies import Strategy
@@ -43,13 +45,34 @@ class SearchConfig:
     batch_size: int = 256  # evaluation batch
     latency_batch: int = 1  # batch size at which latency is measured / predicted
 
+    def validate(self, source: str) -> None:
+        from vitnas.search.constraints import COSTS
+        from vitnas.search.strategies import STRATEGIES
+
+        check_fields(self, source)
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"{source}: strategy={self.strategy!r}; expected one of {sorted(STRATEGIES)}")
+        if self.cost not in COSTS:
+            raise ValueError(f"{source}: cost={self.cost!r}; expected one of {list(COSTS)}")
+        for name in ("population", "generations", "parents", "batch_size", "latency_batch"):
+            check_range(source, name, getattr(self, name), 1)
+        for name in ("mutations", "crossovers", "seed"):
+            check_range(source, name, getattr(self, name), 0)
+        for name in ("layer_prob", "depth_prob", "embed_prob"):
+            check_range(source, name, getattr(self, name), 0.0, 1.0)
+        Constraints.from_dict(self.constraints, source=source)
+
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, source: str = "search") -> SearchConfig:
+        if not isinstance(data, Mapping):
+            raise ValueError(f"{source}: expected a mapping of search settings, got {data!r}")
         names = list(cls.__dataclass_fields__)
         for key in data:
             if key not in names:
                 raise ValueError(f"{source}: unknown key {key!r}; expected one of {names}")
-        return cls(**data)
+        obj = cls(**data)
+        obj.validate(source)
+        return obj
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -102,6 +125,13 @@ def pareto_front(rows: list[dict[str, Any]], cost: str) -> list[dict[str, Any]]:
     return sorted((rows[i] for i in idx), key=lambda r: r[cost])
 
 
+def _diff(a: Mapping[str, Any], b: Mapping[str, Any]) -> str | None:
+    for key in sorted(set(a) | set(b)):
+        if a.get(key) != b.get(key):
+            return f"{key}: {a.get(key)!r} then, {b.get(key)!r} now"
+    return None
+
+
 def run_search(
     strategy: Strategy,
     evaluate: Evaluate,
@@ -115,50 +145,72 @@ def run_search(
     config: Mapping[str, Any] | None = None,
 ) -> SearchResult:
     """Run `strategy` to the end. Every proposed arch meets `constraints` (strategies are built with the
-    same feasibility test) and is evaluated at most once, even across a resume."""
+    same feasibility test) and is evaluated at most once, even across a resume. `config` identifies the
+    run (settings, supernet checkpoint): resuming a folder made with another config is an error."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    cand_path, state_path = out / "candidates.jsonl", out / "state.json"
-    cache: dict[str, dict[str, Any]] = {}
-    if resume and state_path.is_file():
-        state = json.loads(state_path.read_text())
-        strategy.load_state_dict(state["strategy"])
-        for row in load_candidates(cand_path):
-            cache[row["key"]] = row
+    cand_path, state_path, cfg_path = out / "candidates.jsonl", out / "state.json", out / "config.json"
+    identity = json.loads(
+        json.dumps(
+            {
+                "strategy": type(strategy).__name__,
+                "constraints": constraints.to_dict(),
+                "cost": cost,
+                **dict(config or {}),
+            },
+            default=str,
+        )
+    )
+    if not resume:
+        for name in ("candidates.jsonl", "state.json", "config.json", "pareto.json", "best.yaml", "progress.json"):
+            (out / name).unlink(missing_ok=True)
+    if cfg_path.is_file():
+        diff = _diff(json.loads(cfg_path.read_text()), identity)
+        if diff:
+            raise ValueError(
+                f"{out} holds a search made with other settings ({diff}); "
+                f"start over with --fresh or use another output folder"
+            )
+    atomic_write_text(cfg_path, json.dumps(identity, indent=1))
+    cache: dict[str, dict[str, Any]] = {row["key"]: row for row in load_candidates(cand_path)}
+    # Rewrite what survived (a line cut by a crash is dropped), so appends start on a fresh line.
+    atomic_write_text(cand_path, "".join(json.dumps(r) + "\n" for r in cache.values()))
+    if state_path.is_file():
+        strategy.load_state_dict(json.loads(state_path.read_text())["strategy"])
         log.info("resumed search at generation %d with %d evaluated candidates", strategy.generation, len(cache))
-    elif cand_path.exists():
-        cand_path.unlink()
     rows = list(cache.values())
     best_per_gen = [
-        max((r["top1"] for r in rows if r["generation"] < g + 1), default=float("nan"))
-        for g in range(strategy.generation)
+        max((r["top1"] for r in rows if r["generation"] <= g), default=float("nan")) for g in range(strategy.generation)
     ]
     evaluations = 0
     while not strategy.done:
         gen = strategy.generation
         archs = strategy.ask()
         scores = []
-        for i, arch in enumerate(archs):
-            key = arch.key()
-            row = cache.get(key)
-            if row is None:
-                c = {name: float(fn(arch)) for name, fn in costs.items()}
-                if not constraints.satisfied(c):
-                    raise AssertionError(f"strategy proposed {key} outside the constraints {constraints.to_dict()}")
-                metrics = dict(evaluate(arch))
-                evaluations += 1
-                row = {"key": key, "generation": gen, "arch": arch.to_dict(), **metrics, **c}
-                cache[key] = row
-                rows.append(row)
-                with open(cand_path, "a") as f:
+        with open(cand_path, "a") as f:
+            for i, arch in enumerate(archs):
+                key = arch.key()
+                row = cache.get(key)
+                if row is None:
+                    c = {name: float(fn(arch)) for name, fn in costs.items()}
+                    if not constraints.satisfied(c):
+                        raise AssertionError(f"strategy proposed {key} outside the constraints {constraints.to_dict()}")
+                    metrics = dict(evaluate(arch))
+                    evaluations += 1
+                    row = {"key": key, "generation": gen, "arch": arch.to_dict(), **metrics, **c}
+                    cache[key] = row
+                    rows.append(row)
                     f.write(json.dumps(row) + "\n")
-            scores.append(row["top1"])
-            if progress:
-                progress(gen, i, row)
+                    f.flush()
+                scores.append(row["top1"])
+                if progress:
+                    progress(gen, i, row)
+            os.fsync(f.fileno())  # the rows are on disk before the state that counts them
         strategy.tell(archs, scores)
         best_per_gen.append(max(r["top1"] for r in rows) if rows else float("nan"))
-        atomic_write_text(state_path, json.dumps({"strategy": strategy.state_dict(), "config": dict(config or {})}))
+        atomic_write_text(state_path, json.dumps({"strategy": strategy.state_dict()}))
         log.info("generation %d: %d candidates, best top1 %.2f", gen, len(archs), best_per_gen[-1])
+    rows = [r for r in rows if constraints.satisfied(r)]
     front = pareto_front(rows, cost)
     best = max(rows, key=lambda r: (r["top1"], -r[cost])) if rows else None
     atomic_write_text(out / "pareto.json", json.dumps(front, indent=1))

@@ -49,9 +49,12 @@ class ArchConfig:
             raise ValueError(f"embed_dim and depth must be positive, got embed_dim={embed_dim}, depth={depth}")
         mlp = self.mlp_ratios
         heads = self.num_heads
+        for name, value in (("mlp_ratios", mlp), ("num_heads", heads)):
+            if isinstance(value, (str, bytes)) or value is None:
+                raise ValueError(f"{name} must be a list with one value per layer, got {value!r}")
         if isinstance(mlp, (int, float)):
             mlp = (mlp,) * depth
-        if isinstance(heads, int):
+        if isinstance(heads, (int, float)):
             heads = (heads,) * depth
         mlp = tuple(_as_float(r, f"mlp_ratios[{i}]") for i, r in enumerate(mlp))
         heads = tuple(_as_int(h, f"num_heads[{i}]") for i, h in enumerate(heads))
@@ -107,7 +110,7 @@ class ArchConfig:
                 mlp_ratios=_seq(data["mlp_ratios"]),
                 num_heads=_seq(data["num_heads"]),
             )
-        except ValueError as err:
+        except (TypeError, ValueError) as err:
             raise ValueError(f"{source}: {err}") from None
 
     def to_json(self) -> str:

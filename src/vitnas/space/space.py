@@ -13,14 +13,6 @@ from vitnas.space.arch import ArchConfig
 
 __all__ = ["SearchSpace"]
 
-# Searchable dimensions: SearchSpace field name -> ArchConfig field it constrains.
-SPACE_DIMS = {
-    "embed_dim": "embed_dim",
-    "depth": "depth",
-    "mlp_ratio": "mlp_ratios",
-    "num_heads": "num_heads",
-}
-
 
 def _choices(value: Any, name: str, kind: type) -> tuple:
     if isinstance(value, (int, float)) and not isinstance(value, bool):

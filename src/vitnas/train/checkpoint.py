@@ -14,7 +14,7 @@ from torch import nn
 
 from vitnas._io import atomic_save_safetensors
 
-__all__ = ["save_checkpoint", "read_checkpoint", "build_model", "describe_model", "load_model"]
+__all__ = ["save_checkpoint", "read_checkpoint", "read_metadata", "build_model", "describe_model", "load_model"]
 
 log = logging.getLogger(__name__)
 FORMAT = "vitnas-checkpoint-1"
@@ -89,6 +89,28 @@ def save_checkpoint(
     atomic_save_safetensors({k: v.cpu() for k, v in tensors.items()}, path, metadata={"vitnas": json.dumps(meta)})
 
 
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """The checkpoint's metadata (config, model description, step, ...) without loading tensors."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+        meta = json.loads(header["vitnas"])
+    except KeyError:
+        raise ValueError(
+            f"{path}: missing key 'vitnas' in the safetensors metadata (not a vitnas checkpoint)"
+        ) from None
+    except Exception as err:
+        raise ValueError(f"{path}: not a readable vitnas checkpoint: {err}") from None
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path}: checkpoint format {meta.get('format')!r}, expected {FORMAT!r}")
+    return meta
+
+
 def read_checkpoint(path: str | Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
     """({'model': ..., 'optim': ..., 'ema': ..., 'rng': ...} tensors, metadata)."""
     from safetensors import safe_open
@@ -110,7 +132,10 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, dict[str, torch.Tensor]
         raise ValueError(f"{path}: not a readable safetensors checkpoint: {err}") from None
     if "vitnas" not in header:
         raise ValueError(f"{path}: missing key 'vitnas' in the safetensors metadata (not a vitnas checkpoint)")
-    meta = json.loads(header["vitnas"])
+    try:
+        meta = json.loads(header["vitnas"])
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: damaged metadata: {err}") from None
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path}: checkpoint format {meta.get('format')!r}, expected {FORMAT!r}")
     return groups, meta
@@ -126,7 +151,9 @@ def load_model(path: str | Path, *, use_ema: bool = False) -> tuple[nn.Module, d
     """Rebuild the model stored in a checkpoint (supernet or plain ViT), in eval mode."""
     groups, meta = read_checkpoint(path)
     model = build_model(meta["model"], meta_device=True)
-    weights = groups["ema"] if use_ema and groups["ema"] else groups["model"]
+    if use_ema and not groups["ema"]:
+        raise ValueError(f"{path}: holds no EMA weights (trained with ema_decay 0)")
+    weights = groups["ema"] if use_ema else groups["model"]
     try:
         model.load_state_dict(weights, strict=True, assign=True)
     except RuntimeError as err:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vitnas._config import check_fields, check_range
 from vitnas.space.yaml_io import load_yaml
 
 __all__ = ["TrainConfig", "TASKS", "SAMPLINGS"]
@@ -57,23 +58,38 @@ class TrainConfig:
     log_every: int = 10  # steps between log rows
 
     def __post_init__(self) -> None:
+        self.validate("config")
+
+    def validate(self, source: str) -> None:
+        """Convert YAML strings such as '5e-4' to numbers; raise naming the key for anything else."""
+        check_fields(self, source)
+        for name in ("lr", "warmup_lr", "min_lr", "weight_decay", "drop_path", "warmup_epochs"):
+            check_range(source, name, getattr(self, name), 0.0)
+        check_range(source, "ema_decay", self.ema_decay, 0.0, 1.0)
+        check_range(source, "drop_path", self.drop_path, 0.0, 1.0)
+        check_range(source, "val_per_class", self.val_per_class, 1)
+        check_range(source, "sandwich_random", self.sandwich_random, 0)
+        check_range(source, "seed", self.seed, 0)
+        check_range(source, "workers", self.workers, 0)
+        check_range(source, "clip_grad", self.clip_grad, 0.0, strict_lo=True)
+        for name in ("epochs", "batch_size", "ckpt_every", "log_every", "eval_every", "eval_batch_size"):
+            check_range(source, name, getattr(self, name), 1)
         if self.task not in TASKS:
-            raise ValueError(f"task={self.task!r}; expected one of {TASKS}")
+            raise ValueError(f"{source}: task={self.task!r}; expected one of {TASKS}")
         if self.sampling not in SAMPLINGS:
-            raise ValueError(f"sampling={self.sampling!r}; expected one of {SAMPLINGS}")
+            raise ValueError(f"{source}: sampling={self.sampling!r}; expected one of {SAMPLINGS}")
         if self.amp not in AMP_MODES:
-            raise ValueError(f"amp={self.amp!r}; expected one of {AMP_MODES}")
+            raise ValueError(f"{source}: amp={self.amp!r}; expected one of {AMP_MODES}")
         if self.task == "subnet" and not self.arch:
-            raise ValueError("task 'subnet' needs arch: the arch YAML to train")
-        for name in ("epochs", "batch_size", "ckpt_every", "log_every", "eval_every"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+            raise ValueError(f"{source}: task 'subnet' needs arch: the arch YAML to train")
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> TrainConfig:
         data = load_yaml(path) or {}
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a mapping of config keys")
+        if isinstance(data.get("augment"), dict) and isinstance(overrides.get("augment"), dict):
+            overrides["augment"] = {**data["augment"], **overrides["augment"]}  # flags refine, not replace
         return cls.from_dict({**data, **overrides}, source=str(path))
 
     @classmethod
@@ -82,10 +98,12 @@ class TrainConfig:
         for key in data:
             if key not in names:
                 raise ValueError(f"{source}: unknown key {key!r}; expected one of {names}")
-        try:
-            return cls(**data)
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"{source}: {err}") from None
+        obj = cls.__new__(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            setattr(obj, f.name, data.get(f.name, default))
+        obj.validate(source)
+        return obj
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from vitnas.data.datasets import ImageData, epoch_batches, load_data
 from vitnas.evaluation import evaluate
 from vitnas.space.arch import ArchConfig
 from vitnas.space.space import SearchSpace
-from vitnas.train.checkpoint import load_model, optimizer_state, read_checkpoint, save_checkpoint
+from vitnas.train.checkpoint import load_model, optimizer_state, read_checkpoint, read_metadata, save_checkpoint
 from vitnas.train.config import TrainConfig
 from vitnas.train.dist import DistInfo, all_reduce_mean_, all_reduce_sum, barrier, init_distributed
 
@@ -87,7 +88,23 @@ class Trainer:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         if cfg.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # required by deterministic cuBLAS
             torch.use_deterministic_algorithms(True)
+        # Fine-tuning a subnet of a supernet: same space, image size, normalization and data split.
+        self.parent = read_metadata(cfg.init_from) if cfg.task == "subnet" and cfg.init_from else None
+        if self.parent is not None:
+            if self.parent["model"]["kind"] != "supernet":
+                raise ValueError(
+                    f"{cfg.init_from}: init_from must be a supernet checkpoint, this one holds a "
+                    f"{self.parent['model']['kind']} model"
+                )
+            for key in ("data_path", "seed", "val_per_class"):
+                if self.parent["config"][key] != getattr(cfg, key):
+                    raise ValueError(
+                        f"{cfg.init_from}: the supernet was trained with {key}={self.parent['config'][key]!r}, this "
+                        f"run has {key}={getattr(cfg, key)!r}; they must match, or the training split would "
+                        f"contain the validation images the search ranked on"
+                    )
         self.dist: DistInfo = init_distributed(self.device)
         if self.device.type == "cuda" and self.dist.enabled:
             self.device = torch.device("cuda", self.dist.local_rank)
@@ -96,12 +113,16 @@ class Trainer:
         self.ckpt_path = self.out / "last.safetensors"
         self.progress = progress
         self.resume = resume
-        self.space = (
-            SearchSpace.from_yaml(cfg.space)
-            if Path(cfg.space).suffix in (".yaml", ".yml")
-            else SearchSpace.preset(cfg.space)
-        )
-        img = cfg.img_size or self.space.img_size
+        if self.parent is not None:
+            self.space = SearchSpace(**self.parent["model"]["space"])
+            img = self.parent["img_size"]
+        else:
+            self.space = (
+                SearchSpace.from_yaml(cfg.space)
+                if Path(cfg.space).suffix in (".yaml", ".yml")
+                else SearchSpace.preset(cfg.space)
+            )
+            img = cfg.img_size or self.space.img_size
         self.data = data or load_data(
             cfg.data_path,
             img_size=img,
@@ -112,6 +133,13 @@ class Trainer:
         )
         self.img_size = img
         self.aug_cfg = recipe(cfg.recipe).override(**cfg.augment)
+        if self.parent is not None:
+            if self.parent["classes"] != self.data.classes:
+                raise ValueError(
+                    f"{cfg.init_from}: trained on classes {self.parent['classes']}, the data has {self.data.classes}"
+                )
+            norm = self.parent["norm"]
+            self.aug_cfg = self.aug_cfg.override(mean=norm["mean"], std=norm["std"])
         self.augment = BatchAugment(self.aug_cfg, img, self.data.num_classes)
         self.model = self._build_model().to(self.device)
         self.is_supernet = cfg.task == "supernet"
@@ -210,8 +238,48 @@ class Trainer:
             path or self.ckpt_path, model=self.model, meta=meta, optimizer=self.optimizer, ema=self.ema, rng=rng
         )
 
+    # Settings a resumed run must share with the run that wrote the checkpoint.
+    RESUME_KEYS = (
+        "task",
+        "space",
+        "arch",
+        "init_from",
+        "sampling",
+        "sandwich_random",
+        "data_path",
+        "img_size",
+        "val_per_class",
+        "recipe",
+        "augment",
+        "epochs",
+        "batch_size",
+        "lr",
+        "min_lr",
+        "warmup_lr",
+        "warmup_epochs",
+        "weight_decay",
+        "clip_grad",
+        "drop_path",
+        "ema_decay",
+        "seed",
+    )
+
     def load(self, path: Path) -> None:
+        """Continue the run saved at `path`; its settings are checked before anything is loaded."""
         groups, meta = read_checkpoint(path)
+        saved = meta["config"]
+        for key in self.RESUME_KEYS:
+            if saved.get(key) != getattr(self.cfg, key):
+                raise ValueError(
+                    f"{path}: written by a run with {key}={saved.get(key)!r}; this run has "
+                    f"{key}={getattr(self.cfg, key)!r}. Resume with the same settings or use another "
+                    f"out_dir"
+                )
+        if meta["steps_per_epoch"] != self.steps_per_epoch:
+            raise ValueError(
+                f"{path}: saved with {meta['steps_per_epoch']} steps per epoch, this run has "
+                f"{self.steps_per_epoch} (data or number of ranks changed)"
+            )
         self.model.load_state_dict(groups["model"], strict=True)
         opt = optimizer_state(groups, meta)
         if opt is not None:
@@ -222,11 +290,6 @@ class Trainer:
             self.scaler.load_state_dict(meta["scaler"])
         if "torch" in groups["rng"]:
             torch.set_rng_state(groups["rng"]["torch"])
-        if meta["steps_per_epoch"] != self.steps_per_epoch:
-            raise ValueError(
-                f"{path}: saved with {meta['steps_per_epoch']} steps per epoch, this run has "
-                f"{self.steps_per_epoch} (batch size, data or ranks changed)"
-            )
         self.step = int(meta["step"])
         self.history = list(meta.get("history", []))
         log.info("resumed from %s at step %d", path, self.step)
@@ -289,6 +352,15 @@ class Trainer:
             self.load(self.ckpt_path)
         elif self.resume:
             log.info("no checkpoint at %s; starting from scratch", self.ckpt_path)
+        elif self.ckpt_path.is_file():
+            raise ValueError(
+                f"{self.ckpt_path} exists: pass --resume to continue that run, or choose another "
+                f"out_dir (nothing is overwritten)"
+            )
+        if self.dist.enabled:  # every rank must continue from the same step (a shared out_dir)
+            steps = all_reduce_sum(torch.tensor([self.step, self.step**2], dtype=torch.float64), self.dist)
+            if steps[0] ** 2 != steps[1] * self.dist.world:
+                raise RuntimeError(f"ranks resumed at different steps; out_dir {self.out} must be shared by all ranks")
         csv_log = _CsvLog(self.out / "metrics.csv", self.step) if self.dist.is_main else None
         tb = _tensorboard(self.out / "tb", self.step) if self.dist.is_main else None
         warmup = int(cfg.warmup_epochs * self.steps_per_epoch)
@@ -385,7 +457,9 @@ class _CsvLog:
         rows = []
         if path.is_file() and start_step > 0:
             with open(path, newline="") as f:
-                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= start_step]
+                rows = [
+                    r for r in csv.DictReader(f) if (r.get("step") or "").isdigit() and int(r["step"]) <= start_step
+                ]
         self.path = path
         with open(path, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=self.FIELDS)
