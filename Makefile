@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PIP_INSTALL := $(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt
 
-.PHONY: install demo test test-all bench lint clean
+.PHONY: install demo test test-all bench bench-cifar lint clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,11 @@ test-all: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/supernet_step.py
+
+# About an hour: a 30-minute CIFAR-10 supernet run, then the search benchmark on it (needs ../shared/data/cifar10).
+bench-cifar: $(STAMP)
+	$(PY) benchmarks/train_cifar.py --budget-min 30 --out runs/bench_train_cifar
+	$(PY) benchmarks/search_cifar.py --checkpoint runs/bench_train_cifar/last.safetensors
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -86,6 +86,9 @@ def main() -> None:
     per_epoch = probe.steps_per_epoch * step_s + 20  # + validation
     epochs = max(1, math.floor(args.budget_min * 60 / per_epoch))
     cfg = TrainConfig(**{**base.to_dict(), "epochs": epochs})
+    old = Path(args.out) / "last.safetensors"
+    if old.is_file():  # a previous benchmark run: keep it aside, start afresh
+        old.replace(old.with_suffix(".safetensors.old"))
     trainer = Trainer(cfg, data=data)
     t = time.perf_counter()
     trainer.fit()
