@@ -226,7 +226,7 @@ def run_pipeline(
     test = evaluate(model, data.test, img_size=img_size, norm=norm, device=device)  # reported, never ranked on
     record["test_top1"] = test["top1"]
     h, w = model.config["img_size"]
-    latency = measure_latency(model, torch.randn(scfg.latency_batch, 3, h, w, device=device))
+    latency = {b: measure_latency(model, torch.randn(b, 3, h, w, device=device)) for b in {1, scfg.latency_batch}}
     export_dir = export_subnet(model.cpu(), out / "export", extra=record, onnx=cfg.onnx)
     lut_report = None
     if lut is not None and cfg.latency_check > 0:
@@ -256,7 +256,9 @@ def run_pipeline(
             "arch": best_arch.key(),
             "params": supernet.num_params(best_arch),
             "macs": supernet.num_macs(best_arch),
-            "latency_ms": latency,
+            "latency_ms": latency[scfg.latency_batch],
+            "latency_ms_by_batch": latency,
+            "latency_device": str(device),
             "val_top1_inherited": main.best["top1"],
             "val_top1_finetuned": finetune_top1,
             "test_top1": test["top1"],
