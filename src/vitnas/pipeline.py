@@ -101,7 +101,9 @@ def run_pipeline(
         )
         trainer = Trainer(train_cfg, resume=True, progress=train_progress, device=device)
         done = trainer.ckpt_path.is_file() and read_metadata(trainer.ckpt_path)["step"] >= trainer.total_steps
-        if not done:
+        if done:
+            trainer.load(trainer.ckpt_path)  # refuses a checkpoint trained with other settings
+        else:
             trainer.fit()
         data = trainer.data
     if read_metadata(ckpt)["model"]["kind"] != "supernet":
