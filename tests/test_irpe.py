@@ -1,0 +1,91 @@
+"""iRPE bucket ids against the reference's numbers, and the efficient products against per-pair sums."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vitnas.nn.irpe import IRPE, IRPEConfig, build_irpe, irpe_bucket_ids, num_buckets, piecewise_index
+
+
+def test_piecewise_index_rounding():
+    d = torch.arange(-13, 14)
+    got = piecewise_index(d, 1.9, 3.8, 15.2).tolist()
+    assert got == [-3] * 10 + [-2, -2, -1, 0, 1, 2, 2] + [3] * 10  # a rounded 4 is clipped to 3.8, then truncated
+
+
+def test_product_bucket_ids_match_the_reference_on_14x14_plus_cls():
+    ids = irpe_bucket_ids(IRPEConfig(), (14, 14))
+    assert ids.shape == (197, 197) and num_buckets(IRPEConfig()) == 50
+    assert (ids[0] == 49).all() and (ids[:, 0] == 49).all()
+    assert ids[1, :20].tolist() == [49, 24, 23, 22, 22, 21, 21, 21, 21, 21, 21, 21, 21, 21, 21, 17, 16, 15, 15, 14]
+    assert ids[1, 15:30].tolist() == [17, 16, 15, 15, 14, 14, 14, 14, 14, 14, 14, 14, 14, 14, 10]
+    q77 = 1 + 7 * 14 + 7
+    assert ids[q77, 1 + 7 * 14 : 1 + 8 * 14].tolist() == [27, 27, 27, 27, 26, 26, 25, 24, 23, 22, 22, 21, 21, 21]
+    assert ids[q77, 1] == 48 and ids[1, q77] == 0
+
+
+@pytest.mark.parametrize(
+    "method,ratio,allocated,used",
+    [("product", 1.9, 50, 50), ("euc", 20, 82, 20), ("quant", 33, 134, 51), ("cross", 20, 82, 28)],
+)
+def test_bucket_counts_of_the_published_models(method, ratio, allocated, used):
+    """The '_N' of the reference's model names is the number of buckets a 14x14 grid + cls uses."""
+    cfg = IRPEConfig(method=method, ratio=ratio)
+    assert num_buckets(cfg) == allocated
+    ids = irpe_bucket_ids(cfg, (14, 14), part="rows" if method == "cross" else "")
+    assert len(ids.unique()) == used and ids.max() < allocated
+
+
+def pair_tables(module: IRPE, ids: torch.Tensor) -> torch.Tensor:
+    """Per-pair embeddings (Hn, L, L, d) or biases (Hn, L, L): the slow definition."""
+    if module.cfg.mode == "bias":
+        return module.lookup_table_bias[:, ids]
+    w = module.lookup_table_weight
+    return (w.transpose(1, 2) if module.transposed else w)[:, ids]  # (Hn, L, L, d); Hn broadcasts over heads
+
+
+@pytest.mark.parametrize("method", ["euc", "quant", "cross", "product"])
+@pytest.mark.parametrize("mode,on", [("contextual", "qkv"), ("bias", "qk")])
+@pytest.mark.parametrize("shared", [True, False])
+def test_efficient_forms_equal_per_pair_sums(method, mode, on, shared):
+    torch.manual_seed(0)
+    cfg = IRPEConfig(method=method, mode=mode, ratio=1.9 if method == "product" else 2.0, shared_head=shared, on=on)
+    H, d, B, grid = 3, 8, 2, (3, 5)  # a non-square grid
+    L = 1 + grid[0] * grid[1]
+    modules = build_irpe(cfg, d, H)
+    assert set(modules) == {f"rpe_{c}" for c in on}
+    for name, module in modules.items():
+        for p in module.parameters():
+            torch.nn.init.normal_(p)
+        parts = [module.rp_rows, module.rp_cols] if method == "cross" else [module]
+        if name == "rpe_v":
+            x = torch.randn(B, H, L, L).softmax(-1).requires_grad_()
+            want = sum((x.unsqueeze(-1) * pair_tables(m, m.ids(L, grid, x.device)).unsqueeze(0)).sum(3) for m in parts)
+        else:
+            x = torch.randn(B, H, L, d, requires_grad=True)
+            if mode == "bias":
+                want = sum(pair_tables(m, m.ids(L, grid, x.device)).unsqueeze(0).expand(B, H, L, L) for m in parts)
+            else:
+                want = sum(
+                    (x.unsqueeze(3) * pair_tables(m, m.ids(L, grid, x.device)).unsqueeze(0)).sum(-1) for m in parts
+                )
+        got = module(x, grid)
+        torch.testing.assert_close(got.expand_as(want), want, atol=1e-4, rtol=1e-4)
+        got.sum().backward()
+        for p in module.parameters():
+            assert p.grad is not None and p.grad.abs().sum() > 0  # gradients reach every table
+
+
+def test_table_shapes_and_errors():
+    m = build_irpe(IRPEConfig(on="qkv", shared_head=False), 64, 6)
+    assert m["rpe_q"].lookup_table_weight.shape == (6, 64, 50)
+    assert m["rpe_v"].lookup_table_weight.shape == (6, 50, 64)
+    assert not m["rpe_k"].lookup_table_weight.detach().any()  # tables start at zero
+    assert build_irpe(IRPEConfig(mode="bias", on="k"), 64, 6)["rpe_k"].lookup_table_bias.shape == (1, 50)
+    with pytest.raises(ValueError, match="bias mode applies to q and k only"):
+        IRPEConfig(mode="bias", on="v")
+    with pytest.raises(ValueError, match="method='polar'"):
+        IRPEConfig(method="polar")
+    with pytest.raises(ValueError, match="skip=1 non-patch tokens"):
+        m["rpe_k"](torch.randn(1, 6, 16, 64), (4, 4))
