@@ -89,3 +89,75 @@ def test_table_shapes_and_errors():
         IRPEConfig(method="polar")
     with pytest.raises(ValueError, match="skip=1 non-patch tokens"):
         m["rpe_k"](torch.randn(1, 6, 16, 64), (4, 4))
+
+
+DEIT = {"tiny": (192, 3), "small": (384, 6), "base": (768, 12)}
+
+
+def deit(size: str, on: str | None, **kw):
+    e, h = DEIT[size]
+    return dict(
+        embed_dim=e,
+        depth=12,
+        num_heads=h,
+        mlp_ratios=4.0,
+        rel_pos=False,
+        global_pool="token",
+        norm_eps=1e-6,
+        irpe={"on": on} if on else None,
+        **kw,
+    )
+
+
+@pytest.mark.parametrize(
+    "size,on,expected",
+    [
+        ("tiny", "k", 5_755_816),
+        ("small", "k", 22_089_064),
+        ("small", "qk", 22_127_464),
+        ("small", "qkv", 22_165_864),
+        ("base", "k", 86_606_056),
+        ("base", "qkv", 86_682_856),
+    ],
+)
+def test_deit_with_irpe_parameter_counts(size, on, expected):
+    """DeiT + contextual product shared-head iRPE (50 buckets): 5.76M, 22.09/22.13/22.17M, 86.61/86.68M."""
+    from vitnas.costs import ViTCostModel
+    from vitnas.models.vit import VisionTransformer
+
+    with torch.device("meta"):
+        model = VisionTransformer(**deit(size, on))
+    assert sum(p.numel() for p in model.parameters()) == expected
+    assert ViTCostModel(rel_pos_max=None, irpe={"on": on}).params(model.arch) == expected
+    assert "blocks.0.attn.rpe_k.lookup_table_weight" in model.state_dict()
+
+
+def test_irpe_in_the_model_forward_and_macs():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from vitnas.costs import ViTCostModel
+    from vitnas.models.vit import VisionTransformer
+
+    torch.manual_seed(0)
+    kw = dict(
+        img_size=64, patch_size=16, embed_dim=64, depth=2, num_heads=2, mlp_ratios=2.0, rel_pos=False, num_classes=5
+    )
+    plain = VisionTransformer(**kw).eval()
+    model = VisionTransformer(**kw, irpe={"on": "qkv", "method": "cross", "ratio": 1.0}).eval()
+    model.load_state_dict(plain.state_dict(), strict=False)  # iRPE tables stay at zero
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), plain(x), atol=1e-5, rtol=1e-5)  # zero tables: no change
+        for name, p in model.named_parameters():
+            if "rpe_" in name:
+                p.normal_()
+        assert (model(x) - plain(x)).abs().max() > 1e-3
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        model(x[:1])
+    cm = ViTCostModel(img_size=64, num_classes=5, rel_pos_max=None, irpe={"on": "qkv", "method": "cross", "ratio": 1.0})
+    assert cm.macs(model.arch) == counter.get_total_flops() / 2
+    model.train()
+    model(x).sum().backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if "rpe_" in n)

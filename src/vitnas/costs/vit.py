@@ -31,6 +31,16 @@ class ViTCostModel:
     qkv_bias: bool = True
     rel_pos_max: int | None = 14  # None: no relative position
     abs_pos: bool = True
+    irpe: dict | None = None  # iRPE settings (vitnas.nn.irpe.IRPEConfig fields); None: no iRPE
+
+    def _irpe(self) -> tuple[str, int, int, bool]:
+        """(letters on, buckets per table, tables per letter, contextual)."""
+        if not self.irpe:
+            return "", 0, 0, False
+        from vitnas.nn.irpe import IRPEConfig, num_buckets
+
+        cfg = IRPEConfig(**self.irpe)
+        return cfg.on, num_buckets(cfg), 2 if cfg.method == "cross" else 1, cfg.mode == "contextual"
 
     def num_tokens(self, img_size: int | Sequence[int] | None = None) -> int:
         h, w = _pair(self.img_size if img_size is None else img_size)
@@ -46,7 +56,11 @@ class ViTCostModel:
         if self.abs_pos:
             total += e * self.num_tokens()
         rel = 2 * 2 * self._rel_rows() * hd  # K and V modules, vertical and horizontal tables
+        on, nb, tables, ctx = self._irpe()
+        shared = bool(self.irpe and self.irpe.get("shared_head", True))
         for h, m in zip(arch.num_heads, arch.hidden_dims()):
+            heads = 1 if shared else h
+            total += len(on) * tables * heads * nb * (hd if ctx else 1)  # iRPE tables
             w = h * hd
             total += 2 * e  # norm1
             total += e * 3 * w + (3 * w if self.qkv_bias else 0)
@@ -61,6 +75,7 @@ class ViTCostModel:
 
     def macs(self, arch: ArchConfig, img_size: int | Sequence[int] | None = None) -> int:
         e, hd, C = arch.embed_dim, self.head_dim, self.num_classes
+        on, nb, tables, ctx = self._irpe()
         L = self.num_tokens(img_size)
         total = (L - 1) * e * self.in_chans * self.patch_size**2
         T2 = 2 * self._rel_rows()
@@ -70,6 +85,8 @@ class ViTCostModel:
             total += 2 * h * L * L * hd  # q.k^T and attn.v
             if T2:
                 total += 2 * h * L * T2 * hd  # q @ tables^T (keys) and buckets @ tables (values)
+            if ctx:  # iRPE: x @ table (q, k) and bucketed attention @ table (v), per letter and table
+                total += len(on) * tables * h * L * nb * hd
             total += L * w * e  # proj
             total += 2 * L * e * m  # fc1, fc2
         if C > 0:

@@ -13,7 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from vitnas.nn.functional import RelPosInputs, attention, drop_path, mlp
+from vitnas.nn.functional import IRPEInputs, RelPosInputs, attention, drop_path, mlp
+from vitnas.nn.irpe import IRPEConfig, build_irpe
 from vitnas.nn.relpos import RelativePosition2D, relpos_index
 from vitnas.space.arch import ArchConfig
 
@@ -67,6 +68,7 @@ class Attention(nn.Module):
         head_dim: int = 64,
         qkv_bias: bool = True,
         rel_pos_max: int | None = None,
+        irpe: IRPEConfig | None = None,
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
     ) -> None:
@@ -78,6 +80,10 @@ class Attention(nn.Module):
         self.proj = nn.Linear(num_heads * head_dim, dim)
         self.rel_pos_k = RelativePosition2D(head_dim, rel_pos_max) if rel_pos_max else None
         self.rel_pos_v = RelativePosition2D(head_dim, rel_pos_max) if rel_pos_max else None
+        self.irpe = irpe
+        if irpe is not None:  # named rpe_q / rpe_k / rpe_v, as in the reference's state dicts
+            for name, module in build_irpe(irpe, head_dim, num_heads).items():
+                self.add_module(name, module)
         self.attn_drop = attn_drop
         self.proj_drop = proj_drop
 
@@ -88,6 +94,11 @@ class Attention(nn.Module):
                 raise ValueError("relative position attention needs the patch grid")
             index = relpos_index(grid, self.rel_pos_k.max_distance, x.shape[1] - grid[0] * grid[1], x.device)
             rp = RelPosInputs(index, self.rel_pos_k.tables(), self.rel_pos_v.tables())
+        ir = None
+        if self.irpe is not None:
+            ir = IRPEInputs(
+                getattr(self, "rpe_q", None), getattr(self, "rpe_k", None), getattr(self, "rpe_v", None), grid
+            )
         return attention(
             x,
             self.qkv.weight,
@@ -98,6 +109,7 @@ class Attention(nn.Module):
             head_dim=self.head_dim,
             scale=self.scale,
             relpos=rp,
+            irpe=ir,
             attn_drop=self.attn_drop,
             proj_drop=self.proj_drop,
             training=self.training,
@@ -127,6 +139,7 @@ class Block(nn.Module):
         head_dim: int = 64,
         qkv_bias: bool = True,
         rel_pos_max: int | None = None,
+        irpe: IRPEConfig | None = None,
         norm_eps: float = 1e-5,
         drop: float = 0.0,
         attn_drop: float = 0.0,
@@ -140,6 +153,7 @@ class Block(nn.Module):
             head_dim=head_dim,
             qkv_bias=qkv_bias,
             rel_pos_max=rel_pos_max,
+            irpe=irpe,
             attn_drop=attn_drop,
             proj_drop=drop,
         )
@@ -177,9 +191,11 @@ class VisionTransformer(nn.Module):
         drop_rate: float = 0.0,
         attn_drop_rate: float = 0.0,
         drop_path_rate: float | Sequence[float] = 0.0,
+        irpe: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         arch = ArchConfig(embed_dim, depth, mlp_ratios, num_heads)  # validates and expands per-layer values
+        irpe_cfg = IRPEConfig(**irpe) if irpe else None  # iRPE tables (vitnas.nn.irpe.IRPEConfig fields)
         if global_pool not in GLOBAL_POOLS:
             raise ValueError(f"global_pool={global_pool!r}; expected one of {GLOBAL_POOLS}")
         if isinstance(drop_path_rate, (int, float)):
@@ -207,6 +223,7 @@ class VisionTransformer(nn.Module):
             drop_rate=drop_rate,
             attn_drop_rate=attn_drop_rate,
             drop_path_rate=dpr,
+            irpe=dict(irpe) if irpe else None,
         )
         self.arch = arch
         self.num_classes = num_classes
@@ -227,6 +244,7 @@ class VisionTransformer(nn.Module):
                 head_dim=head_dim,
                 qkv_bias=qkv_bias,
                 rel_pos_max=rel_pos_max if rel_pos else None,
+                irpe=irpe_cfg,
                 norm_eps=norm_eps,
                 drop=drop_rate,
                 attn_drop=attn_drop_rate,
