@@ -161,3 +161,32 @@ def test_irpe_in_the_model_forward_and_macs():
     model.train()
     model(x).sum().backward()
     assert all(p.grad is not None for n, p in model.named_parameters() if "rpe_" in n)
+
+
+@pytest.mark.parametrize("irpe", [
+    {"on": "qkv", "shared_head": False}, {"on": "k"}, {"on": "qk", "mode": "bias", "shared_head": False},
+    {"on": "kv", "method": "cross", "ratio": 1.0}])
+def test_supernet_with_irpe_extracts_exactly(irpe):
+    import numpy as np
+
+    from vitnas import SearchSpace, ViTSupernet
+
+    space = SearchSpace.preset("cifar")
+    torch.manual_seed(0)
+    net = ViTSupernet(space, num_classes=10, irpe=irpe).eval()
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if "rpe_" in name:
+                p.normal_()
+    x = torch.randn(2, 3, 32, 32)
+    rng = np.random.default_rng(0)
+    for arch in [space.sample(rng) for _ in range(4)] + [space.smallest()]:
+        with torch.no_grad(), net.active(arch):
+            want = net(x)
+        sub = net.extract(arch)
+        torch.testing.assert_close(sub(x), want, atol=1e-5, rtol=0)
+        assert net.num_params(arch) == sum(p.numel() for p in sub.parameters())
+    net.train()
+    net.set_active(space.largest())
+    net(x).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in net.named_parameters() if "rpe_" in n)

@@ -155,18 +155,19 @@ class IRPE(nn.Module):
 
     def forward(self, x: Tensor, grid: tuple[int, int] | None = None, head_dim: int | None = None) -> Tensor:
         """transposed: x (B, H, L, d) -> logits (B, H, L, L); else x = attention (B, H, L, L) -> (B, H, L, d).
-        `head_dim` slices the table's leading columns (supernets)."""
+        Per-head tables are sliced to the leading H heads and `head_dim` columns (supernets)."""
         L = x.shape[2]
         ids = self.ids(L, grid, x.device)
+        heads = 1 if self.cfg.shared_head else x.shape[1]
         if self.cfg.mode == "bias":
-            return self.lookup_table_bias[:, ids].unsqueeze(0)  # (1, Hn, L, L)
+            return self.lookup_table_bias[:heads, ids].unsqueeze(0)  # (1, Hn, L, L)
         d = head_dim or self.head_dim
         if self.transposed:
-            table = self.lookup_table_weight[:, :d]  # (Hn, d, nb)
+            table = self.lookup_table_weight[:heads, :d]  # (Hn, d, nb)
             scores = x @ table.unsqueeze(0)  # (B, H, L, nb)
             B, H = scores.shape[:2]
             return torch.gather(scores, -1, ids.expand(B, H, L, L))
-        table = self.lookup_table_weight[..., :d]  # (Hn, nb, d)
+        table = self.lookup_table_weight[:heads, :, :d]  # (Hn, nb, d)
         B, H = x.shape[:2]
         buckets = x.new_zeros(B, H, L, self.num_buckets).scatter_add(-1, ids.expand(B, H, L, L), x)
         return buckets @ table.unsqueeze(0)

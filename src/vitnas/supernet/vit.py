@@ -20,7 +20,8 @@ from torch import Tensor, nn
 
 from vitnas.costs.vit import ViTCostModel
 from vitnas.models.vit import PatchEmbed, VisionTransformer, init_vit_weights, patch_grid, to_2tuple
-from vitnas.nn.functional import RelPosInputs, attention, drop_path, mlp
+from vitnas.nn.functional import IRPEInputs, RelPosInputs, attention, drop_path, mlp
+from vitnas.nn.irpe import IRPEConfig, build_irpe
 from vitnas.nn.relpos import RelativePosition2D, relpos_index
 from vitnas.nn.slicing import QKV_LAYOUTS, slice_linear, slice_qkv, slice_vector
 from vitnas.space.arch import ArchConfig
@@ -33,7 +34,14 @@ log = logging.getLogger(__name__)
 
 class SuperAttention(nn.Module):
     def __init__(
-        self, max_dim: int, max_heads: int, head_dim: int, qkv_bias: bool, rel_pos_max: int | None, qkv_layout: str
+        self,
+        max_dim: int,
+        max_heads: int,
+        head_dim: int,
+        qkv_bias: bool,
+        rel_pos_max: int | None,
+        qkv_layout: str,
+        irpe: IRPEConfig | None = None,
     ) -> None:
         super().__init__()
         self.head_dim = head_dim
@@ -43,6 +51,13 @@ class SuperAttention(nn.Module):
         self.proj = nn.Linear(max_heads * head_dim, max_dim)
         self.rel_pos_k = RelativePosition2D(head_dim, rel_pos_max) if rel_pos_max else None
         self.rel_pos_v = RelativePosition2D(head_dim, rel_pos_max) if rel_pos_max else None
+        self.irpe = irpe
+        if irpe is not None:  # tables for the most heads; a subnet uses the leading ones (or the shared one)
+            for name, module in build_irpe(irpe, head_dim, max_heads).items():
+                self.add_module(name, module)
+
+    def _irpe_modules(self) -> dict[str, nn.Module]:
+        return {n: m for n, m in self.named_children() if n.startswith("rpe_")}
 
     def active_params(self, dim: int, heads: int) -> dict[str, Tensor]:
         """The subnet's parameters, named as in `vitnas.models.vit.Attention`."""
@@ -56,6 +71,10 @@ class SuperAttention(nn.Module):
             if rp is not None:
                 out[f"{name}.table_v"] = rp.table_v[:, : self.head_dim]
                 out[f"{name}.table_h"] = rp.table_h[:, : self.head_dim]
+        n = 1 if self.irpe is not None and self.irpe.shared_head else heads
+        for prefix, module in self._irpe_modules().items():
+            for pname, p in module.named_parameters():
+                out[f"{prefix}.{pname}"] = p[:n]  # iRPE tables: leading heads
         return out
 
     def forward(
@@ -66,6 +85,10 @@ class SuperAttention(nn.Module):
         if self.rel_pos_k is not None:
             index = relpos_index(grid, self.rel_pos_k.max_distance, x.shape[1] - grid[0] * grid[1], x.device)
             rp = RelPosInputs(index, self.rel_pos_k.tables(self.head_dim), self.rel_pos_v.tables(self.head_dim))
+        ir = None
+        if self.irpe is not None:  # the modules slice their tables to the heads of their input
+            m = self._irpe_modules()
+            ir = IRPEInputs(m.get("rpe_q"), m.get("rpe_k"), m.get("rpe_v"), grid)
         return attention(
             x,
             p["qkv.weight"],
@@ -76,6 +99,7 @@ class SuperAttention(nn.Module):
             head_dim=self.head_dim,
             scale=self.scale,
             relpos=rp,
+            irpe=ir,
             attn_drop=attn_drop,
             proj_drop=proj_drop,
             training=self.training,
@@ -118,10 +142,11 @@ class SuperBlock(nn.Module):
         norm_eps: float,
         qkv_layout: str,
         drop_path: float,
+        irpe: IRPEConfig | None = None,
     ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(max_dim, eps=norm_eps)
-        self.attn = SuperAttention(max_dim, max_heads, head_dim, qkv_bias, rel_pos_max, qkv_layout)
+        self.attn = SuperAttention(max_dim, max_heads, head_dim, qkv_bias, rel_pos_max, qkv_layout, irpe)
         self.norm2 = nn.LayerNorm(max_dim, eps=norm_eps)
         self.mlp = SuperMlp(max_dim, max_hidden)
         self.drop_path = drop_path
@@ -175,8 +200,10 @@ class ViTSupernet(nn.Module):
         attn_drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
         qkv_layout: str = "standard",
+        irpe: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
+        irpe_cfg = IRPEConfig(**irpe) if irpe else None  # iRPE tables, sliced with the active heads
         if qkv_layout not in QKV_LAYOUTS:
             raise ValueError(f"qkv_layout={qkv_layout!r}; expected one of {QKV_LAYOUTS}")
         if global_pool not in ("avg", "token"):
@@ -198,6 +225,7 @@ class ViTSupernet(nn.Module):
             attn_drop_rate=attn_drop_rate,
             drop_path_rate=drop_path_rate,
             qkv_layout=qkv_layout,
+            irpe=dict(irpe) if irpe else None,
         )
         img_size = space.img_size if img_size is None else img_size
         patch_size = space.patch_size if patch_size is None else patch_size
@@ -227,6 +255,7 @@ class ViTSupernet(nn.Module):
             abs_pos=abs_pos,
             global_pool=global_pool,
             norm_eps=norm_eps,
+            irpe=dict(irpe) if irpe else None,
         )
         self.drop_path_rates = [drop_path_rate * i / max(self.max_depth - 1, 1) for i in range(self.max_depth)]
         num_patches = self.grid[0] * self.grid[1]
@@ -244,6 +273,7 @@ class ViTSupernet(nn.Module):
                 norm_eps,
                 qkv_layout,
                 self.drop_path_rates[i],
+                irpe_cfg,
             )
             for i in range(self.max_depth)
         )
@@ -262,6 +292,7 @@ class ViTSupernet(nn.Module):
             qkv_bias=qkv_bias,
             rel_pos_max=rel_pos_max if rel_pos else None,
             abs_pos=abs_pos,
+            irpe=dict(irpe) if irpe else None,
         )
         self._arch = space.largest()
 
