@@ -15,6 +15,8 @@ __version__ = "0.1.0"
 _LAZY = {
     "ViTSupernet": "vitnas.supernet",
     "VisionTransformer": "vitnas.models",
+    "create_model": "vitnas.models",
+    "list_models": "vitnas.models",
     "load_autoformer": "vitnas.compat.autoformer",
     "ViTCostModel": "vitnas.costs",
 }

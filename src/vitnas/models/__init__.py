@@ -1,5 +1,6 @@
-"""Static, deployable models with no search code."""
+"""Static, deployable models with no search code, and the registry that names them."""
 
+from vitnas.models.registry import create_model, list_models, register_model
 from vitnas.models.vit import VisionTransformer
 
-__all__ = ["VisionTransformer"]
+__all__ = ["VisionTransformer", "create_model", "list_models", "register_model"]

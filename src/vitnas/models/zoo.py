@@ -1,0 +1,133 @@
+"""Registered variants: DeiT, DeiT with iRPE (named as the iRPE reference's models), AutoFormer-T/S/B."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vitnas.models.registry import register_model
+from vitnas.models.vit import VisionTransformer
+
+DEIT = {"tiny": (192, 3), "small": (384, 6), "base": (768, 12)}
+# The searched AutoFormer subnets (AutoFormer/experiments/subnet/AutoFormer-{T,S,B}.yaml).
+AUTOFORMER = {
+    "tiny": (192, [3.5, 3.5, 3.0, 3.5, 3.0, 3.0, 4.0, 4.0, 3.5, 4.0, 3.5, 4.0, 3.5], [3] * 10 + [4, 3, 3]),
+    "small": (
+        384,
+        [3.0, 3.5, 3.0, 3.5, 4.0, 4.0, 4.0, 4.0, 4.0, 4.0, 4.0, 3.5, 4.0],
+        [6, 6, 5, 7, 5, 5, 5, 6, 6, 7, 7, 6, 7],
+    ),
+    "base": (
+        576,
+        [3.5, 3.5, 4.0, 3.5, 4.0, 3.5, 3.5, 3.0, 4.0, 4.0, 3.0, 4.0, 3.0, 3.5],
+        [9, 9, 9, 9, 9, 10, 9, 9, 10, 9, 10, 9, 9, 10],
+    ),
+}
+
+
+def _deit(size: str, irpe: dict[str, Any] | None = None, **kw: Any) -> VisionTransformer:
+    e, h = DEIT[size]
+    args = dict(
+        embed_dim=e,
+        depth=12,
+        num_heads=h,
+        mlp_ratios=4.0,
+        head_dim=64,
+        rel_pos=False,
+        global_pool="token",
+        norm_eps=1e-6,
+        irpe=irpe,
+    )
+    return VisionTransformer(**{**args, **kw})
+
+
+def _autoformer(size: str, **kw: Any) -> VisionTransformer:
+    e, mlp, heads = AUTOFORMER[size]
+    args = dict(
+        embed_dim=e,
+        depth=len(mlp),
+        num_heads=heads,
+        mlp_ratios=mlp,
+        head_dim=64,
+        rel_pos=True,
+        rel_pos_max=14,
+        global_pool="avg",
+        norm_eps=1e-5,
+    )
+    return VisionTransformer(**{**args, **kw})
+
+
+@register_model
+def deit_tiny_patch16_224(**kw: Any) -> VisionTransformer:
+    return _deit("tiny", **kw)
+
+
+@register_model
+def deit_small_patch16_224(**kw: Any) -> VisionTransformer:
+    return _deit("small", **kw)
+
+
+@register_model
+def deit_base_patch16_224(**kw: Any) -> VisionTransformer:
+    return _deit("base", **kw)
+
+
+# iRPE: contextual mode, shared head, one extra bucket for the class token; "_N" counts the buckets a
+# 14x14 grid uses, as in the reference's names.
+@register_model
+def deit_tiny_patch16_224_ctx_product_50_shared_k(**kw: Any) -> VisionTransformer:
+    return _deit("tiny", {"method": "product", "ratio": 1.9, "on": "k"}, **kw)
+
+
+@register_model
+def deit_small_patch16_224_ctx_euc_20_shared_k(**kw: Any) -> VisionTransformer:
+    return _deit("small", {"method": "euc", "ratio": 20, "on": "k"}, **kw)
+
+
+@register_model
+def deit_small_patch16_224_ctx_quant_51_shared_k(**kw: Any) -> VisionTransformer:
+    return _deit("small", {"method": "quant", "ratio": 33, "on": "k"}, **kw)
+
+
+@register_model
+def deit_small_patch16_224_ctx_cross_56_shared_k(**kw: Any) -> VisionTransformer:
+    return _deit("small", {"method": "cross", "ratio": 20, "on": "k"}, **kw)
+
+
+@register_model
+def deit_small_patch16_224_ctx_product_50_shared_k(**kw: Any) -> VisionTransformer:
+    return _deit("small", {"method": "product", "ratio": 1.9, "on": "k"}, **kw)
+
+
+@register_model
+def deit_small_patch16_224_ctx_product_50_shared_qk(**kw: Any) -> VisionTransformer:
+    return _deit("small", {"method": "product", "ratio": 1.9, "on": "qk"}, **kw)
+
+
+@register_model
+def deit_small_patch16_224_ctx_product_50_shared_qkv(**kw: Any) -> VisionTransformer:
+    return _deit("small", {"method": "product", "ratio": 1.9, "on": "qkv"}, **kw)
+
+
+@register_model
+def deit_base_patch16_224_ctx_product_50_shared_k(**kw: Any) -> VisionTransformer:
+    return _deit("base", {"method": "product", "ratio": 1.9, "on": "k"}, **kw)
+
+
+@register_model
+def deit_base_patch16_224_ctx_product_50_shared_qkv(**kw: Any) -> VisionTransformer:
+    return _deit("base", {"method": "product", "ratio": 1.9, "on": "qkv"}, **kw)
+
+
+@register_model
+def autoformer_tiny(**kw: Any) -> VisionTransformer:
+    return _autoformer("tiny", **kw)
+
+
+@register_model
+def autoformer_small(**kw: Any) -> VisionTransformer:
+    return _autoformer("small", **kw)
+
+
+@register_model
+def autoformer_base(**kw: Any) -> VisionTransformer:
+    return _autoformer("base", **kw)
