@@ -163,9 +163,15 @@ def test_irpe_in_the_model_forward_and_macs():
     assert all(p.grad is not None for n, p in model.named_parameters() if "rpe_" in n)
 
 
-@pytest.mark.parametrize("irpe", [
-    {"on": "qkv", "shared_head": False}, {"on": "k"}, {"on": "qk", "mode": "bias", "shared_head": False},
-    {"on": "kv", "method": "cross", "ratio": 1.0}])
+@pytest.mark.parametrize(
+    "irpe",
+    [
+        {"on": "qkv", "shared_head": False},
+        {"on": "k"},
+        {"on": "qk", "mode": "bias", "shared_head": False},
+        {"on": "kv", "method": "cross", "ratio": 1.0},
+    ],
+)
 def test_supernet_with_irpe_extracts_exactly(irpe):
     import numpy as np
 

@@ -6,7 +6,9 @@ import torch
 import vitnas
 
 PARAMS = {
-    "deit_tiny_patch16_224": 5_717_416, "deit_small_patch16_224": 22_050_664, "deit_base_patch16_224": 86_567_656,
+    "deit_tiny_patch16_224": 5_717_416,
+    "deit_small_patch16_224": 22_050_664,
+    "deit_base_patch16_224": 86_567_656,
     "deit_tiny_patch16_224_ctx_product_50_shared_k": 5_755_816,
     "deit_small_patch16_224_ctx_product_50_shared_k": 22_089_064,
     "deit_small_patch16_224_ctx_product_50_shared_qk": 22_127_464,
@@ -31,8 +33,9 @@ def test_autoformer_small_and_base_sizes():
         assert sum(p.numel() for p in model.parameters()) == pytest.approx(want, abs=0.005e6)
 
 
-@pytest.mark.parametrize("name", [
-    pytest.param(n, marks=pytest.mark.slow) if "base" in n else n for n in vitnas.list_models()])
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.slow) if "base" in n else n for n in vitnas.list_models()]
+)
 def test_every_registered_model_runs_and_trains(name):
     """Base-size models (slow to initialize on 2 cores) run with `make test-all`."""
     torch.manual_seed(0)

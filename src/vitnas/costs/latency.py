@@ -96,6 +96,11 @@ class LatencyTable:
         """Measure (or read from the cache) every block and stem of the space on this device."""
         from vitnas.models.vit import Block, VisionTransformer
 
+        if space.patch_sizes is not None:
+            raise ValueError(
+                f"space {space.name!r} searches the patch size; the latency table supports one patch "
+                f"size per space for now (constrain params or macs instead)"
+            )
         device = torch.device(device)
         key_data = {
             "device": device_name(device),

@@ -42,19 +42,21 @@ class ViTCostModel:
         cfg = IRPEConfig(**self.irpe)
         return cfg.on, num_buckets(cfg), 2 if cfg.method == "cross" else 1, cfg.mode == "contextual"
 
-    def num_tokens(self, img_size: int | Sequence[int] | None = None) -> int:
+    def num_tokens(self, img_size: int | Sequence[int] | None = None, patch_size: int | None = None) -> int:
         h, w = _pair(self.img_size if img_size is None else img_size)
-        return (h // self.patch_size) * (w // self.patch_size) + 1
+        p = patch_size or self.patch_size
+        return (h // p) * (w // p) + 1
 
     def _rel_rows(self) -> int:
         return 0 if not self.rel_pos_max else 2 * self.rel_pos_max + 2
 
     def params(self, arch: ArchConfig) -> int:
         e, hd, C = arch.embed_dim, self.head_dim, self.num_classes
-        total = e * self.in_chans * self.patch_size**2 + e  # patch embedding
+        p = arch.patch_size or self.patch_size  # ViTAS archs carry their own patch size
+        total = e * self.in_chans * p**2 + e  # patch embedding
         total += e  # class token
         if self.abs_pos:
-            total += e * self.num_tokens()
+            total += e * self.num_tokens(patch_size=p)
         rel = 2 * 2 * self._rel_rows() * hd  # K and V modules, vertical and horizontal tables
         on, nb, tables, ctx = self._irpe()
         shared = bool(self.irpe and self.irpe.get("shared_head", True))
@@ -76,8 +78,9 @@ class ViTCostModel:
     def macs(self, arch: ArchConfig, img_size: int | Sequence[int] | None = None) -> int:
         e, hd, C = arch.embed_dim, self.head_dim, self.num_classes
         on, nb, tables, ctx = self._irpe()
-        L = self.num_tokens(img_size)
-        total = (L - 1) * e * self.in_chans * self.patch_size**2
+        p = arch.patch_size or self.patch_size
+        L = self.num_tokens(img_size, p)
+        total = (L - 1) * e * self.in_chans * p**2
         T2 = 2 * self._rel_rows()
         for h, m in zip(arch.num_heads, arch.hidden_dims()):
             w = h * hd

@@ -15,6 +15,7 @@ __all__ = ["ArchConfig"]
 
 # Dimension names, identical in YAML, CLI flags, ArchConfig and tables.
 ARCH_KEYS = ("embed_dim", "depth", "mlp_ratios", "num_heads")
+OPTIONAL_KEYS = ("patch_size",)  # ViTAS: searched patch size (absent = the supernet's fixed patch size)
 
 
 def _as_int(value: Any, name: str) -> int:
@@ -41,8 +42,14 @@ class ArchConfig:
     depth: int
     mlp_ratios: tuple[float, ...] = field(default=())
     num_heads: tuple[int, ...] = field(default=())
+    patch_size: int | None = None
 
     def __post_init__(self) -> None:
+        if self.patch_size is not None:
+            p = _as_int(self.patch_size, "patch_size")
+            if p <= 0:
+                raise ValueError(f"patch_size must be positive, got {p}")
+            object.__setattr__(self, "patch_size", p)
         embed_dim = _as_int(self.embed_dim, "embed_dim")
         depth = _as_int(self.depth, "depth")
         if embed_dim <= 0 or depth <= 0:
@@ -78,26 +85,30 @@ class ArchConfig:
         """A canonical string, equal for equal archs: use it to deduplicate candidates."""
         mlp = ",".join(f"{r:g}" for r in self.mlp_ratios)
         heads = ",".join(str(h) for h in self.num_heads)
-        return f"e{self.embed_dim}-d{self.depth}-m{mlp}-h{heads}"
+        key = f"e{self.embed_dim}-d{self.depth}-m{mlp}-h{heads}"
+        return key if self.patch_size is None else f"p{self.patch_size}-{key}"
 
     def __str__(self) -> str:
         return self.key()
 
     # -- serialization -----------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "embed_dim": self.embed_dim,
             "depth": self.depth,
             "mlp_ratios": list(self.mlp_ratios),
             "num_heads": list(self.num_heads),
         }
+        if self.patch_size is not None:
+            out["patch_size"] = self.patch_size
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, source: str = "arch") -> ArchConfig:
         """Build from our keys; `source` names the file or object in error messages."""
         if not isinstance(data, Mapping):
             raise ValueError(f"{source}: expected a mapping with keys {list(ARCH_KEYS)}, got {type(data).__name__}")
-        unknown = sorted(set(data) - set(ARCH_KEYS))
+        unknown = sorted(set(data) - set(ARCH_KEYS) - set(OPTIONAL_KEYS))
         if unknown:
             raise ValueError(f"{source}: unknown key {unknown[0]!r}; expected keys {list(ARCH_KEYS)}")
         missing = [k for k in ARCH_KEYS if k not in data]
@@ -109,6 +120,7 @@ class ArchConfig:
                 depth=data["depth"],
                 mlp_ratios=_seq(data["mlp_ratios"]),
                 num_heads=_seq(data["num_heads"]),
+                patch_size=data.get("patch_size"),
             )
         except (TypeError, ValueError) as err:
             raise ValueError(f"{source}: {err}") from None

@@ -52,6 +52,7 @@ class SearchSpace:
     img_size: int = 224
     patch_size: int = 16
     rel_pos_max: int = 14
+    patch_sizes: tuple[int, ...] | None = None  # ViTAS: searched patch sizes (each with its own tokens)
     name: str = "custom"
 
     def __post_init__(self) -> None:
@@ -68,6 +69,11 @@ class SearchSpace:
             if cap < largest:
                 raise ValueError(f"{cap_name}={cap} is smaller than the largest {dim} choice {largest}")
             set_(self, cap_name, cap)
+        if self.patch_sizes is not None:
+            set_(self, "patch_sizes", _choices(self.patch_sizes, "patch_sizes", int))
+            for p in self.patch_sizes:
+                if self.img_size % p:
+                    raise ValueError(f"patch size {p} does not divide img_size={self.img_size}")
         for name in ("head_dim", "img_size", "patch_size", "rel_pos_max"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -122,7 +128,17 @@ class SearchSpace:
         for i, h in enumerate(arch.num_heads):
             if h not in self.num_heads:
                 out.append(f"num_heads[{i}]={h} is not one of the allowed choices {list(self.num_heads)}")
+        out += self._patch_violations(arch)
         return out
+
+    def _patch_violations(self, arch: ArchConfig) -> list[str]:
+        if self.patch_sizes is None:
+            if arch.patch_size not in (None, self.patch_size):
+                return [f"patch_size={arch.patch_size} but this space has the fixed patch size {self.patch_size}"]
+            return []
+        if arch.patch_size not in self.patch_sizes:
+            return [f"patch_size={arch.patch_size} is not one of the allowed choices {list(self.patch_sizes)}"]
+        return []
 
     def contains(self, arch: ArchConfig) -> bool:
         return not self.violations(arch)
@@ -155,7 +171,11 @@ class SearchSpace:
         for i, h in enumerate(arch.num_heads):
             if h > self.max_num_heads:
                 out.append(f"num_heads[{i}]={h} exceeds the supernet's max_num_heads={self.max_num_heads}")
+        out += self._patch_violations(arch)
         return out
+
+    def _patch(self, rng: np.random.Generator) -> int | None:
+        return None if self.patch_sizes is None else int(rng.choice(self.patch_sizes))
 
     # -- sampling and evolution --------------------------------------------------------------------
     def sample(self, rng: np.random.Generator) -> ArchConfig:
@@ -166,6 +186,7 @@ class SearchSpace:
             depth=depth,
             mlp_ratios=tuple(float(v) for v in rng.choice(self.mlp_ratio, size=depth)),
             num_heads=tuple(int(v) for v in rng.choice(self.num_heads, size=depth)),
+            patch_size=self._patch(rng),
         )
 
     def mutate(
@@ -198,7 +219,10 @@ class SearchSpace:
         embed = arch.embed_dim
         if rng.random() < embed_prob:
             embed = int(rng.choice(self.embed_dim))
-        return ArchConfig(embed_dim=embed, depth=depth, mlp_ratios=tuple(mlp), num_heads=tuple(heads))
+        patch = arch.patch_size
+        if self.patch_sizes is not None and rng.random() < embed_prob:  # a global dimension, like the width
+            patch = self._patch(rng)
+        return ArchConfig(embed_dim=embed, depth=depth, mlp_ratios=tuple(mlp), num_heads=tuple(heads), patch_size=patch)
 
     def crossover(self, a: ArchConfig, b: ArchConfig, rng: np.random.Generator) -> ArchConfig:
         """Uniform crossover, gene by gene. AutoFormer only crosses parents of equal depth; for
@@ -218,18 +242,23 @@ class SearchSpace:
                 mlp.append(longer.mlp_ratios[i])
                 heads.append(longer.num_heads[i])
         embed = pick(a.embed_dim, b.embed_dim)
-        return ArchConfig(embed_dim=embed, depth=depth, mlp_ratios=tuple(mlp), num_heads=tuple(heads))
+        patch = pick(a.patch_size, b.patch_size) if self.patch_sizes is not None else a.patch_size
+        return ArchConfig(embed_dim=embed, depth=depth, mlp_ratios=tuple(mlp), num_heads=tuple(heads), patch_size=patch)
 
     # -- extremes and size -------------------------------------------------------------------------
     def smallest(self) -> ArchConfig:
+        """The cheapest arch (with searched patch sizes: the largest patch, so the fewest tokens)."""
         d = min(self.depth)
-        return ArchConfig(min(self.embed_dim), d, (min(self.mlp_ratio),) * d, (min(self.num_heads),) * d)
+        p = None if self.patch_sizes is None else max(self.patch_sizes)
+        return ArchConfig(min(self.embed_dim), d, (min(self.mlp_ratio),) * d, (min(self.num_heads),) * d, p)
 
     def largest(self) -> ArchConfig:
         d = max(self.depth)
-        return ArchConfig(max(self.embed_dim), d, (max(self.mlp_ratio),) * d, (max(self.num_heads),) * d)
+        p = None if self.patch_sizes is None else min(self.patch_sizes)
+        return ArchConfig(max(self.embed_dim), d, (max(self.mlp_ratio),) * d, (max(self.num_heads),) * d, p)
 
     def size(self) -> int:
         """Number of distinct archs (exact integer)."""
         per_layer = len(self.mlp_ratio) * len(self.num_heads)
-        return len(self.embed_dim) * sum(per_layer**d for d in self.depth)
+        patches = 1 if self.patch_sizes is None else len(self.patch_sizes)
+        return patches * len(self.embed_dim) * sum(per_layer**d for d in self.depth)

@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 
 from vitnas._io import atomic_write_text
-from vitnas.space.arch import ARCH_KEYS, ArchConfig
+from vitnas.space.arch import ARCH_KEYS, OPTIONAL_KEYS, ArchConfig
 from vitnas.space.space import SearchSpace
 
 AUTOFORMER_SECTIONS = ("SUPERNET", "SEARCH_SPACE", "RETRAIN")
@@ -117,5 +117,5 @@ def read_arch_yaml(path: str | Path) -> ArchConfig:
     elif isinstance(data, Mapping) and "arch" in data:
         data = data["arch"]
     if isinstance(data, Mapping):
-        _check_keys(data, ARCH_KEYS, str(path))
+        _check_keys(data, ARCH_KEYS + OPTIONAL_KEYS, str(path))
     return ArchConfig.from_dict(data, source=str(path))

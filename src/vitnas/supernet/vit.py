@@ -259,9 +259,21 @@ class ViTSupernet(nn.Module):
         )
         self.drop_path_rates = [drop_path_rate * i / max(self.max_depth - 1, 1) for i in range(self.max_depth)]
         num_patches = self.grid[0] * self.grid[1]
-        self.patch_embed = PatchEmbed(patch_size, in_chans, E)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, E))
-        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, E)) if abs_pos else None
+        self.patch_sizes = space.patch_sizes
+        if self.patch_sizes is None:
+            self.patch_embed = PatchEmbed(patch_size, in_chans, E)
+            self.cls_token = nn.Parameter(torch.zeros(1, 1, E))
+            self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, E)) if abs_pos else None
+        else:  # ViTAS: every patch size has its own embedding, class token and position embedding
+            grids = {p: patch_grid(img_size, p) for p in self.patch_sizes}
+            self.patch_embeds = nn.ModuleDict({f"p{p}": PatchEmbed(p, in_chans, E) for p in self.patch_sizes})
+            self.cls_tokens = nn.ParameterDict({f"p{p}": nn.Parameter(torch.zeros(1, 1, E)) for p in self.patch_sizes})
+            self.pos_embeds = (
+                nn.ParameterDict({f"p{p}": nn.Parameter(torch.zeros(1, g[0] * g[1] + 1, E)) for p, g in grids.items()})
+                if abs_pos
+                else None
+            )
+            self.pos_embed = None
         self.blocks = nn.ModuleList(
             SuperBlock(
                 E,
@@ -279,9 +291,9 @@ class ViTSupernet(nn.Module):
         )
         self.norm = nn.LayerNorm(E, eps=norm_eps)
         self.head = nn.Linear(E, num_classes) if num_classes > 0 else nn.Identity()
-        if self.pos_embed is not None:
-            nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        for name, p in self.named_parameters():
+            if name.startswith(("pos_embed", "cls_token")):
+                nn.init.trunc_normal_(p, std=0.02)
         self.apply(init_vit_weights)
         self.costs = ViTCostModel(
             img_size=self.img_size,
@@ -324,25 +336,30 @@ class ViTSupernet(nn.Module):
             self._arch = previous
 
     # -- forward -----------------------------------------------------------------------------------
+    def _tokens(self, arch: ArchConfig) -> tuple[int, nn.Module, Tensor, Tensor | None]:
+        """(patch size, patch embedding, class token, position embedding) of an arch."""
+        if self.patch_sizes is None:
+            return self.patch_size, self.patch_embed, self.cls_token, self.pos_embed
+        p = arch.patch_size
+        pos = self.pos_embeds[f"p{p}"] if self.pos_embeds is not None else None
+        return p, self.patch_embeds[f"p{p}"], self.cls_tokens[f"p{p}"], pos
+
     def forward_features(self, x: Tensor) -> Tensor:
         arch = self._arch
         e = arch.embed_dim
-        grid = (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
-        if grid != self.grid:
+        patch, embed, cls_token, pos_embed = self._tokens(arch)
+        grid = (x.shape[-2] // patch, x.shape[-1] // patch)
+        if (x.shape[-2], x.shape[-1]) != self.img_size:
             raise ValueError(
                 f"input of {tuple(x.shape[-2:])} pixels gives a {grid} patch grid; "
                 f"this supernet was built for {self.grid}"
             )
         scale = e / self.max_embed_dim  # AutoFormer scales dropout with the active width
         drop, attn_drop = self.drop_rate * scale, self.attn_drop_rate * scale
-        x = (
-            F.conv2d(x, self.patch_embed.proj.weight[:e], self.patch_embed.proj.bias[:e], stride=self.patch_size)
-            .flatten(2)
-            .transpose(1, 2)
-        )
-        x = torch.cat([self.cls_token[..., :e].expand(x.shape[0], -1, -1), x], dim=1)
-        if self.pos_embed is not None:
-            x = x + self.pos_embed[..., :e]
+        x = F.conv2d(x, embed.proj.weight[:e], embed.proj.bias[:e], stride=patch).flatten(2).transpose(1, 2)
+        x = torch.cat([cls_token[..., :e].expand(x.shape[0], -1, -1), x], dim=1)
+        if pos_embed is not None:
+            x = x + pos_embed[..., :e]
         if drop and self.training:
             x = F.dropout(x, drop, training=True)
         for block, heads, hidden in zip(self.blocks, arch.num_heads, arch.hidden_dims()):
@@ -364,13 +381,14 @@ class ViTSupernet(nn.Module):
         """The subnet's weights (views into the supernet), keyed as in `VisionTransformer`."""
         arch = self._arch if arch is None else self.check_arch(arch)
         e = arch.embed_dim
+        _, embed, cls_token, pos_embed = self._tokens(arch)
         out: dict[str, Tensor] = {
-            "cls_token": self.cls_token[..., :e],
-            "patch_embed.proj.weight": self.patch_embed.proj.weight[:e],
-            "patch_embed.proj.bias": slice_vector(self.patch_embed.proj.bias, e),
+            "cls_token": cls_token[..., :e],
+            "patch_embed.proj.weight": embed.proj.weight[:e],
+            "patch_embed.proj.bias": slice_vector(embed.proj.bias, e),
         }
-        if self.pos_embed is not None:
-            out["pos_embed"] = self.pos_embed[..., :e]
+        if pos_embed is not None:
+            out["pos_embed"] = pos_embed[..., :e]
         for i, (heads, hidden) in enumerate(zip(arch.num_heads, arch.hidden_dims())):
             out.update(_prefixed(f"blocks.{i}", self.blocks[i].active_params(e, heads, hidden)))
         out.update(_prefixed("norm", _ln_params(self.norm, e)))
@@ -385,7 +403,7 @@ class ViTSupernet(nn.Module):
         with torch.device("meta"):  # no random init: every tensor is assigned below
             model = VisionTransformer.from_arch(
                 arch,
-                **self.model_kwargs,
+                **{**self.model_kwargs, "patch_size": self._tokens(arch)[0]},
                 drop_rate=self.drop_rate * scale,
                 attn_drop_rate=self.attn_drop_rate * scale,
                 drop_path_rate=self.drop_path_rates[: arch.depth],

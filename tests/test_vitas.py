@@ -1,0 +1,61 @@
+"""ViTAS search dimensions: the patch size (its own embedding, class token and position embedding)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from vitnas import ArchConfig, SearchSpace, ViTSupernet
+
+SPACE = SearchSpace.preset("cifar").with_(patch_sizes=(2, 4, 8), name="cifar-vitas")
+
+
+def test_patch_size_is_a_searched_dimension():
+    rng = np.random.default_rng(0)
+    archs = [SPACE.sample(rng) for _ in range(60)]
+    assert {a.patch_size for a in archs} == {2, 4, 8}
+    assert all(SPACE.contains(a) for a in archs)
+    assert SPACE.size() == 3 * SearchSpace.preset("cifar").size()
+    assert SPACE.smallest().patch_size == 8 and SPACE.largest().patch_size == 2
+    assert any(SPACE.mutate(archs[0], rng, embed_prob=1.0).patch_size != archs[0].patch_size for _ in range(10))
+    bad = ArchConfig(96, 4, (2.0,) * 4, (2,) * 4, patch_size=16)
+    with pytest.raises(ValueError, match=r"patch_size=16 is not one of the allowed choices \[2, 4, 8\]"):
+        SPACE.validate(bad)
+    assert ArchConfig.from_dict(archs[0].to_dict()) == archs[0] and archs[0].key().startswith("p")
+    # The fixed-patch presets are unchanged.
+    assert SearchSpace.preset("autoformer-tiny").patch_sizes is None
+    assert "patch_size" not in SearchSpace.preset("autoformer-tiny").sample(rng).to_dict()
+
+
+def test_supernet_with_patch_sizes_extracts_exactly_and_counts_costs():
+    torch.manual_seed(0)
+    net = ViTSupernet(SPACE, num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    rng = np.random.default_rng(1)
+    for p in (2, 4, 8):
+        arch = ArchConfig(**{**SPACE.sample(rng).to_dict(), "patch_size": p})
+        with torch.no_grad(), net.active(arch):
+            want = net(x)
+        sub = net.extract(arch)
+        assert sub.patch_size == p and sub.pos_embed.shape[1] == (32 // p) ** 2 + 1
+        with torch.no_grad():
+            torch.testing.assert_close(sub(x), want, atol=1e-5, rtol=0)
+        assert net.num_params(arch) == sum(t.numel() for t in sub.parameters())
+        counter = FlopCounterMode(display=False)
+        with counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+            sub(x[:1])
+        assert net.num_macs(arch) == counter.get_total_flops() / 2
+    small = ArchConfig(96, 4, (2.0,) * 4, (2,) * 4, patch_size=8)
+    assert net.num_macs(small) < net.num_macs(ArchConfig(96, 4, (2.0,) * 4, (2,) * 4, patch_size=2)) / 10
+
+
+def test_only_the_active_patch_size_trains():
+    net = ViTSupernet(SPACE, num_classes=10).train()
+    net.set_active(ArchConfig(96, 4, (2.0,) * 4, (2,) * 4, patch_size=4))
+    net(torch.randn(2, 3, 32, 32)).sum().backward()
+    grads = {n: p.grad for n, p in net.named_parameters()}
+    assert grads["patch_embeds.p4.proj.weight"] is not None and grads["cls_tokens.p4"] is not None
+    assert grads["patch_embeds.p8.proj.weight"] is None and grads["pos_embeds.p2"] is None
