@@ -59,3 +59,48 @@ def test_only_the_active_patch_size_trains():
     grads = {n: p.grad for n, p in net.named_parameters()}
     assert grads["patch_embeds.p4.proj.weight"] is not None and grads["cls_tokens.p4"] is not None
     assert grads["patch_embeds.p8.proj.weight"] is None and grads["pos_embeds.p2"] is None
+
+
+def test_bilateral_slicing_extracts_exactly_from_either_edge():
+    space = SearchSpace.preset("cifar")
+    torch.manual_seed(0)
+    net = ViTSupernet(space, num_classes=10, irpe={"on": "kv"}).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    x = torch.randn(2, 3, 32, 32)
+    rng = np.random.default_rng(2)
+    for arch in [space.sample(rng) for _ in range(4)] + [space.smallest()]:
+        outs = {}
+        for side in ("left", "right"):
+            with torch.no_grad(), net.active(arch, side):
+                outs[side] = net(x)
+                torch.testing.assert_close(net.extract(arch)(x), outs[side], atol=1e-5, rtol=0)
+        assert (outs["left"] - outs["right"]).abs().max() > 1e-3  # different weights
+    with torch.no_grad(), net.active(space.largest(), "right"):  # full width: both edges are the whole weight
+        full_right = net(x)
+    with torch.no_grad(), net.active(space.largest(), "left"):
+        torch.testing.assert_close(net(x), full_right)
+    assert net.side == "left"
+    with pytest.raises(ValueError, match="side='middle'"):
+        net.set_active(space.smallest(), "middle")
+
+
+def test_bilateral_training_alternates_sides_and_evaluation_averages(tmp_path):
+    from vitnas.data import load_digits, recipe
+    from vitnas.search.evaluator import SupernetEvaluator
+    from vitnas.train import TrainConfig, Trainer
+
+    cfg = TrainConfig(space="digits", recipe="digits", val_per_class=20, epochs=1, batch_size=64, bilateral=True,
+                      out_dir=str(tmp_path), threads=1)
+    trainer = Trainer(cfg)
+    sides = []
+    original = trainer.model.set_active
+    trainer.model.set_active = lambda arch, side="left": (sides.append(side), original(arch, side))[1]
+    trainer.total_steps = 4
+    trainer.fit()
+    assert sides[:4] == ["left", "right", "left", "right"]
+    data = load_digits(16, val_per_class=20)
+    ev = SupernetEvaluator(trainer.model, data.val, img_size=16, norm=recipe("digits"), bilateral=True)
+    r = ev(trainer.space.smallest())
+    assert r["top1"] == pytest.approx((r["top1_left"] + r["top1_right"]) / 2)

@@ -135,7 +135,13 @@ def run_pipeline(
     # 3. search (and the random baseline at equal budget)
     t = time.perf_counter()
     evaluator = SupernetEvaluator(
-        supernet, data.val, img_size=img_size, norm=norm, batch_size=scfg.batch_size, device=device
+        supernet,
+        data.val,
+        img_size=img_size,
+        norm=norm,
+        batch_size=scfg.batch_size,
+        device=device,
+        bilateral=bool(tcfg.get("bilateral", False)),
     )
     memo: dict[str, dict[str, float]] = {}  # the baseline reuses scores of archs the main search evaluated
 

@@ -9,21 +9,39 @@ from __future__ import annotations
 from torch import Tensor
 
 QKV_LAYOUTS = ("standard", "autoformer")
+SIDES = ("left", "right")
 
 
-def slice_vector(v: Tensor | None, n: int) -> Tensor | None:
-    return None if v is None else v[:n]
+def edge(n: int, total: int, side: str = "left") -> slice:
+    """The `n` leading entries (AutoFormer's prefix slicing) or, side='right', the `n` trailing ones
+    (BCNet's bilateral slicing, used by ViTAS)."""
+    if side == "left":
+        return slice(0, n)
+    if side == "right":
+        return slice(total - n, total)
+    raise ValueError(f"side={side!r}; expected one of {SIDES}")
+
+
+def slice_vector(v: Tensor | None, n: int, side: str = "left") -> Tensor | None:
+    return None if v is None else v[edge(n, v.shape[0], side)]
 
 
 def slice_linear(
-    weight: Tensor, bias: Tensor | None, out_features: int, in_features: int
+    weight: Tensor, bias: Tensor | None, out_features: int, in_features: int, side: str = "left"
 ) -> tuple[Tensor, Tensor | None]:
-    """Leading `out_features` rows and `in_features` columns (weight entanglement)."""
-    return weight[:out_features, :in_features], slice_vector(bias, out_features)
+    """`out_features` rows and `in_features` columns from one edge (weight entanglement)."""
+    rows, cols = edge(out_features, weight.shape[0], side), edge(in_features, weight.shape[1], side)
+    return weight[rows, cols], slice_vector(bias, out_features, side)
 
 
 def slice_qkv(
-    weight: Tensor, bias: Tensor | None, num_heads: int, head_dim: int, in_features: int, layout: str = "standard"
+    weight: Tensor,
+    bias: Tensor | None,
+    num_heads: int,
+    head_dim: int,
+    in_features: int,
+    layout: str = "standard",
+    side: str = "left",
 ) -> tuple[Tensor, Tensor | None]:
     """Active fused q/k/v projection, returned in [q; k; v] row order with heads leading.
 
@@ -36,9 +54,12 @@ def slice_qkv(
     rows = 3 * width
     if layout == "standard":
         max_width = weight.shape[0] // 3
-        w = weight.view(3, max_width, weight.shape[1])[:, :width, :in_features].reshape(rows, in_features)
-        b = None if bias is None else bias.view(3, max_width)[:, :width].reshape(rows)
+        heads, cols = edge(width, max_width, side), edge(in_features, weight.shape[1], side)
+        w = weight.view(3, max_width, weight.shape[1])[:, heads, cols].reshape(rows, in_features)
+        b = None if bias is None else bias.view(3, max_width)[:, heads].reshape(rows)
         return w, b
+    if side != "left":
+        raise ValueError("bilateral (right-side) slicing needs the standard qkv layout")
     if layout == "autoformer":
         w = weight[:rows].view(width, 3, weight.shape[1]).transpose(0, 1)[:, :, :in_features].reshape(rows, in_features)
         return w, slice_vector(bias, rows)

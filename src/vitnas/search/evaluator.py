@@ -14,7 +14,8 @@ __all__ = ["SupernetEvaluator"]
 class SupernetEvaluator:
     """`evaluator(arch) -> {'top1', 'loss'}`, in inference mode with large batches. Small in-memory
     splits are normalized once and kept on the device. With `world` > 1 the split is sharded across
-    ranks and `reduce` (an all-reduce sum) combines the counts."""
+    ranks and `reduce` (an all-reduce sum) combines the counts. With `bilateral` (BCNet / ViTAS) a
+    subnet's score is the mean of its left- and right-sliced evaluations."""
 
     def __init__(
         self,
@@ -28,7 +29,9 @@ class SupernetEvaluator:
         rank: int = 0,
         world: int = 1,
         reduce=None,
+        bilateral: bool = False,
     ) -> None:
+        self.bilateral = bilateral
         self.net = supernet.to(device).eval()
         self.split = split
         self.img_size, self.norm, self.batch_size = img_size, norm, batch_size
@@ -41,8 +44,19 @@ class SupernetEvaluator:
             y = split.labels[idx].to(self.device)
             self._batches = [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(y), batch_size)]
 
-    @torch.inference_mode()
     def __call__(self, arch: ArchConfig) -> dict[str, float]:
+        if not self.bilateral:
+            return self._evaluate(arch, "left")
+        left, right = self._evaluate(arch, "left"), self._evaluate(arch, "right")
+        return {
+            "top1": (left["top1"] + right["top1"]) / 2,
+            "loss": (left["loss"] + right["loss"]) / 2,
+            "top1_left": left["top1"],
+            "top1_right": right["top1"],
+        }
+
+    @torch.inference_mode()
+    def _evaluate(self, arch: ArchConfig, side: str) -> dict[str, float]:
         totals = torch.zeros(3, dtype=torch.float64)
         batches = self._batches
         if batches is None:
@@ -50,7 +64,7 @@ class SupernetEvaluator:
                 (eval_transform(x.to(self.device), self.img_size, self.norm), y.to(self.device))
                 for x, y in self.split.sequential(self.batch_size, self.rank, self.world)
             )
-        with self.net.active(arch):
+        with self.net.active(arch, side):
             for x, y in batches:
                 logits = self.net(x).float()
                 totals[0] += torch.nn.functional.cross_entropy(logits, y, reduction="sum").item()

@@ -23,7 +23,7 @@ from vitnas.models.vit import PatchEmbed, VisionTransformer, init_vit_weights, p
 from vitnas.nn.functional import IRPEInputs, RelPosInputs, attention, drop_path, mlp
 from vitnas.nn.irpe import IRPEConfig, build_irpe
 from vitnas.nn.relpos import RelativePosition2D, relpos_index
-from vitnas.nn.slicing import QKV_LAYOUTS, slice_linear, slice_qkv, slice_vector
+from vitnas.nn.slicing import QKV_LAYOUTS, SIDES, edge, slice_linear, slice_qkv, slice_vector
 from vitnas.space.arch import ArchConfig
 from vitnas.space.space import SearchSpace
 
@@ -59,10 +59,10 @@ class SuperAttention(nn.Module):
     def _irpe_modules(self) -> dict[str, nn.Module]:
         return {n: m for n, m in self.named_children() if n.startswith("rpe_")}
 
-    def active_params(self, dim: int, heads: int) -> dict[str, Tensor]:
+    def active_params(self, dim: int, heads: int, side: str = "left") -> dict[str, Tensor]:
         """The subnet's parameters, named as in `vitnas.models.vit.Attention`."""
-        qw, qb = slice_qkv(self.qkv.weight, self.qkv.bias, heads, self.head_dim, dim, self.qkv_layout)
-        pw, pb = slice_linear(self.proj.weight, self.proj.bias, dim, heads * self.head_dim)
+        qw, qb = slice_qkv(self.qkv.weight, self.qkv.bias, heads, self.head_dim, dim, self.qkv_layout, side)
+        pw, pb = slice_linear(self.proj.weight, self.proj.bias, dim, heads * self.head_dim, side)
         out = {"qkv.weight": qw, "proj.weight": pw, "proj.bias": pb}
         if qb is not None:
             out["qkv.bias"] = qb
@@ -74,13 +74,20 @@ class SuperAttention(nn.Module):
         n = 1 if self.irpe is not None and self.irpe.shared_head else heads
         for prefix, module in self._irpe_modules().items():
             for pname, p in module.named_parameters():
-                out[f"{prefix}.{pname}"] = p[:n]  # iRPE tables: leading heads
+                out[f"{prefix}.{pname}"] = p[edge(n, p.shape[0], side)]  # iRPE tables: the active heads
         return out
 
     def forward(
-        self, x: Tensor, grid: tuple[int, int], dim: int, heads: int, attn_drop: float, proj_drop: float
+        self,
+        x: Tensor,
+        grid: tuple[int, int],
+        dim: int,
+        heads: int,
+        attn_drop: float,
+        proj_drop: float,
+        side: str = "left",
     ) -> Tensor:
-        p = self.active_params(dim, heads)
+        p = self.active_params(dim, heads, side)
         rp = None
         if self.rel_pos_k is not None:
             index = relpos_index(grid, self.rel_pos_k.max_distance, x.shape[1] - grid[0] * grid[1], x.device)
@@ -88,6 +95,8 @@ class SuperAttention(nn.Module):
         ir = None
         if self.irpe is not None:  # the modules slice their tables to the heads of their input
             m = self._irpe_modules()
+            if side != "left" and not self.irpe.shared_head:
+                raise ValueError("per-head iRPE tables support left (prefix) slicing only")
             ir = IRPEInputs(m.get("rpe_q"), m.get("rpe_k"), m.get("rpe_v"), grid)
         return attention(
             x,
@@ -112,18 +121,19 @@ class SuperMlp(nn.Module):
         self.fc1 = nn.Linear(max_dim, max_hidden)
         self.fc2 = nn.Linear(max_hidden, max_dim)
 
-    def active_params(self, dim: int, hidden: int) -> dict[str, Tensor]:
-        w1, b1 = slice_linear(self.fc1.weight, self.fc1.bias, hidden, dim)
-        w2, b2 = slice_linear(self.fc2.weight, self.fc2.bias, dim, hidden)
+    def active_params(self, dim: int, hidden: int, side: str = "left") -> dict[str, Tensor]:
+        w1, b1 = slice_linear(self.fc1.weight, self.fc1.bias, hidden, dim, side)
+        w2, b2 = slice_linear(self.fc2.weight, self.fc2.bias, dim, hidden, side)
         return {"fc1.weight": w1, "fc1.bias": b1, "fc2.weight": w2, "fc2.bias": b2}
 
-    def forward(self, x: Tensor, dim: int, hidden: int, drop: float) -> Tensor:
-        p = self.active_params(dim, hidden)
+    def forward(self, x: Tensor, dim: int, hidden: int, drop: float, side: str = "left") -> Tensor:
+        p = self.active_params(dim, hidden, side)
         return mlp(x, p["fc1.weight"], p["fc1.bias"], p["fc2.weight"], p["fc2.bias"], drop=drop, training=self.training)
 
 
-def _ln_params(norm: nn.LayerNorm, dim: int) -> dict[str, Tensor]:
-    return {"weight": norm.weight[:dim], "bias": norm.bias[:dim]}
+def _ln_params(norm: nn.LayerNorm, dim: int, side: str = "left") -> dict[str, Tensor]:
+    s = edge(dim, norm.weight.shape[0], side)
+    return {"weight": norm.weight[s], "bias": norm.bias[s]}
 
 
 def _prefixed(prefix: str, params: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -152,21 +162,30 @@ class SuperBlock(nn.Module):
         self.drop_path = drop_path
         self.norm_eps = norm_eps
 
-    def active_params(self, dim: int, heads: int, hidden: int) -> dict[str, Tensor]:
+    def active_params(self, dim: int, heads: int, hidden: int, side: str = "left") -> dict[str, Tensor]:
         return {
-            **_prefixed("norm1", _ln_params(self.norm1, dim)),
-            **_prefixed("attn", self.attn.active_params(dim, heads)),
-            **_prefixed("norm2", _ln_params(self.norm2, dim)),
-            **_prefixed("mlp", self.mlp.active_params(dim, hidden)),
+            **_prefixed("norm1", _ln_params(self.norm1, dim, side)),
+            **_prefixed("attn", self.attn.active_params(dim, heads, side)),
+            **_prefixed("norm2", _ln_params(self.norm2, dim, side)),
+            **_prefixed("mlp", self.mlp.active_params(dim, hidden, side)),
         }
 
     def forward(
-        self, x: Tensor, grid: tuple[int, int], dim: int, heads: int, hidden: int, drop: float, attn_drop: float
+        self,
+        x: Tensor,
+        grid: tuple[int, int],
+        dim: int,
+        heads: int,
+        hidden: int,
+        drop: float,
+        attn_drop: float,
+        side: str = "left",
     ) -> Tensor:
-        h = F.layer_norm(x, (dim,), self.norm1.weight[:dim], self.norm1.bias[:dim], self.norm_eps)
-        x = x + drop_path(self.attn(h, grid, dim, heads, attn_drop, drop), self.drop_path, self.training)
-        h = F.layer_norm(x, (dim,), self.norm2.weight[:dim], self.norm2.bias[:dim], self.norm_eps)
-        return x + drop_path(self.mlp(h, dim, hidden, drop), self.drop_path, self.training)
+        n1, n2 = _ln_params(self.norm1, dim, side), _ln_params(self.norm2, dim, side)
+        h = F.layer_norm(x, (dim,), n1["weight"], n1["bias"], self.norm_eps)
+        x = x + drop_path(self.attn(h, grid, dim, heads, attn_drop, drop, side), self.drop_path, self.training)
+        h = F.layer_norm(x, (dim,), n2["weight"], n2["bias"], self.norm_eps)
+        return x + drop_path(self.mlp(h, dim, hidden, drop, side), self.drop_path, self.training)
 
 
 class ViTSupernet(nn.Module):
@@ -307,6 +326,7 @@ class ViTSupernet(nn.Module):
             irpe=dict(irpe) if irpe else None,
         )
         self._arch = space.largest()
+        self._side = "left"
 
     # -- the active architecture -------------------------------------------------------------------
     @property
@@ -322,18 +342,29 @@ class ViTSupernet(nn.Module):
             raise ValueError(f"arch does not fit the supernet: {problems[0]}{more}")
         return arch
 
-    def set_active(self, arch: ArchConfig) -> None:
+    @property
+    def side(self) -> str:
+        return self._side
+
+    def set_active(self, arch: ArchConfig, side: str = "left") -> None:
+        """Run `arch`; widths come from the leading entries of each weight, or with side='right' from
+        the trailing ones (BCNet / ViTAS bilateral slicing)."""
+        if side not in SIDES:
+            raise ValueError(f"side={side!r}; expected one of {SIDES}")
+        if side == "right" and self.qkv_layout != "standard":
+            raise ValueError("right-side slicing needs qkv_layout='standard'")
         self._arch = self.check_arch(arch)
+        self._side = side
 
     @contextlib.contextmanager
-    def active(self, arch: ArchConfig) -> Iterator[ViTSupernet]:
+    def active(self, arch: ArchConfig, side: str = "left") -> Iterator[ViTSupernet]:
         """`with net.active(arch): net(x)` runs `arch` and restores the previous arch afterwards."""
-        previous = self._arch
-        self.set_active(arch)
+        previous = self._arch, self._side
+        self.set_active(arch, side)
         try:
             yield self
         finally:
-            self._arch = previous
+            self._arch, self._side = previous
 
     # -- forward -----------------------------------------------------------------------------------
     def _tokens(self, arch: ArchConfig) -> tuple[int, nn.Module, Tensor, Tensor | None]:
@@ -356,49 +387,55 @@ class ViTSupernet(nn.Module):
             )
         scale = e / self.max_embed_dim  # AutoFormer scales dropout with the active width
         drop, attn_drop = self.drop_rate * scale, self.attn_drop_rate * scale
-        x = F.conv2d(x, embed.proj.weight[:e], embed.proj.bias[:e], stride=patch).flatten(2).transpose(1, 2)
-        x = torch.cat([cls_token[..., :e].expand(x.shape[0], -1, -1), x], dim=1)
+        side = self._side
+        se = edge(e, self.max_embed_dim, side)
+        x = F.conv2d(x, embed.proj.weight[se], embed.proj.bias[se], stride=patch).flatten(2).transpose(1, 2)
+        x = torch.cat([cls_token[..., se].expand(x.shape[0], -1, -1), x], dim=1)
         if pos_embed is not None:
-            x = x + pos_embed[..., :e]
+            x = x + pos_embed[..., se]
         if drop and self.training:
             x = F.dropout(x, drop, training=True)
         for block, heads, hidden in zip(self.blocks, arch.num_heads, arch.hidden_dims()):
-            x = block(x, grid, e, heads, hidden, drop, attn_drop)
-        return F.layer_norm(x, (e,), self.norm.weight[:e], self.norm.bias[:e], self.norm.eps)
+            x = block(x, grid, e, heads, hidden, drop, attn_drop, side)
+        return F.layer_norm(x, (e,), self.norm.weight[se], self.norm.bias[se], self.norm.eps)
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         x = x[:, 1:].mean(dim=1) if self.global_pool == "avg" else x[:, 0]
         if pre_logits or self.num_classes == 0:
             return x
-        w, b = slice_linear(self.head.weight, self.head.bias, self.num_classes, x.shape[-1])
-        return F.linear(x, w, b)
+        w = self.head.weight[:, edge(x.shape[-1], self.max_embed_dim, self._side)]
+        return F.linear(x, w, self.head.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))
 
     # -- extraction --------------------------------------------------------------------------------
-    def active_state_dict(self, arch: ArchConfig | None = None) -> dict[str, Tensor]:
+    def active_state_dict(self, arch: ArchConfig | None = None, side: str | None = None) -> dict[str, Tensor]:
         """The subnet's weights (views into the supernet), keyed as in `VisionTransformer`."""
         arch = self._arch if arch is None else self.check_arch(arch)
         e = arch.embed_dim
+        side = self._side if side is None else side
+        se = edge(e, self.max_embed_dim, side)
         _, embed, cls_token, pos_embed = self._tokens(arch)
         out: dict[str, Tensor] = {
-            "cls_token": cls_token[..., :e],
-            "patch_embed.proj.weight": embed.proj.weight[:e],
-            "patch_embed.proj.bias": slice_vector(embed.proj.bias, e),
+            "cls_token": cls_token[..., se],
+            "patch_embed.proj.weight": embed.proj.weight[se],
+            "patch_embed.proj.bias": slice_vector(embed.proj.bias, e, side),
         }
         if pos_embed is not None:
-            out["pos_embed"] = pos_embed[..., :e]
+            out["pos_embed"] = pos_embed[..., se]
         for i, (heads, hidden) in enumerate(zip(arch.num_heads, arch.hidden_dims())):
-            out.update(_prefixed(f"blocks.{i}", self.blocks[i].active_params(e, heads, hidden)))
-        out.update(_prefixed("norm", _ln_params(self.norm, e)))
+            out.update(_prefixed(f"blocks.{i}", self.blocks[i].active_params(e, heads, hidden, side)))
+        out.update(_prefixed("norm", _ln_params(self.norm, e, side)))
         if self.num_classes > 0:
-            out["head.weight"], out["head.bias"] = slice_linear(self.head.weight, self.head.bias, self.num_classes, e)
+            out["head.weight"], out["head.bias"] = self.head.weight[:, se], self.head.bias
         return out
 
-    def extract(self, arch: ArchConfig | None = None) -> VisionTransformer:
-        """A standalone `VisionTransformer` with copies of the subnet's weights (default: active arch)."""
+    def extract(self, arch: ArchConfig | None = None, side: str | None = None) -> VisionTransformer:
+        """A standalone `VisionTransformer` with copies of the subnet's weights (default: the active arch
+        and side)."""
         arch = self._arch if arch is None else self.check_arch(arch)
+        side = self._side if side is None else side
         scale = arch.embed_dim / self.max_embed_dim
         with torch.device("meta"):  # no random init: every tensor is assigned below
             model = VisionTransformer.from_arch(
@@ -411,7 +448,7 @@ class ViTSupernet(nn.Module):
         with torch.no_grad():
             state = {
                 k: v.detach().clone(memory_format=torch.contiguous_format)
-                for k, v in self.active_state_dict(arch).items()
+                for k, v in self.active_state_dict(arch, side).items()
             }
         model.load_state_dict(state, strict=True, assign=True)
         return model.train(self.training)

@@ -27,6 +27,7 @@ class TrainConfig:
     sampling: str = "uniform"  # supernet task: uniform (AutoFormer, one random subnet per step) | sandwich
     sandwich_random: int = 2  # sandwich rule: random subnets per step besides the largest and smallest
     inplace_distill: bool = True  # sandwich rule: smaller subnets learn the largest one's predictions
+    bilateral: bool = False  # supernet: alternate left / right width slicing step by step (BCNet, ViTAS)
     # -- data
     data_path: str | None = None  # root with train/ and test/ (or val/) class folders; None = embedded digits
     img_size: int | None = None  # default: the space's img_size

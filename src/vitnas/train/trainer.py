@@ -240,6 +240,7 @@ class Trainer:
 
     # Settings a resumed run must share with the run that wrote the checkpoint.
     RESUME_KEYS = (
+        "bilateral",
         "task",
         "space",
         "arch",
@@ -309,8 +310,9 @@ class Trainer:
         archs = sample_step_archs(self.space, self.cfg, step)
         total = torch.zeros((), device=self.device)
         teacher = None
+        side = "right" if self.cfg.bilateral and step % 2 else "left"
         for i, arch in enumerate(archs):
-            self.model.set_active(arch)
+            self.model.set_active(arch, side)
             with autocast:
                 logits = self.model(x)
                 use_kd = self.cfg.sampling == "sandwich" and self.cfg.inplace_distill and i > 0
