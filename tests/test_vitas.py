@@ -91,8 +91,16 @@ def test_bilateral_training_alternates_sides_and_evaluation_averages(tmp_path):
     from vitnas.search.evaluator import SupernetEvaluator
     from vitnas.train import TrainConfig, Trainer
 
-    cfg = TrainConfig(space="digits", recipe="digits", val_per_class=20, epochs=1, batch_size=64, bilateral=True,
-                      out_dir=str(tmp_path), threads=1)
+    cfg = TrainConfig(
+        space="digits",
+        recipe="digits",
+        val_per_class=20,
+        epochs=1,
+        batch_size=64,
+        bilateral=True,
+        out_dir=str(tmp_path),
+        threads=1,
+    )
     trainer = Trainer(cfg)
     sides = []
     original = trainer.model.set_active
@@ -104,3 +112,42 @@ def test_bilateral_training_alternates_sides_and_evaluation_averages(tmp_path):
     ev = SupernetEvaluator(trainer.model, data.val, img_size=16, norm=recipe("digits"), bilateral=True)
     r = ev(trainer.space.smallest())
     assert r["top1"] == pytest.approx((r["top1_left"] + r["top1_right"]) / 2)
+
+
+def test_private_qk_per_head_count_with_shared_v():
+    space = SearchSpace.preset("cifar")
+    torch.manual_seed(0)
+    net = ViTSupernet(space, num_classes=10, private_qk=True).eval()
+    assert set(net.blocks[0].attn.qk.keys()) == {"h2", "h3", "h4"} and not hasattr(net.blocks[0].attn, "qkv")
+    x = torch.randn(2, 3, 32, 32)
+    rng = np.random.default_rng(3)
+    for arch in [space.sample(rng) for _ in range(4)]:
+        for side in ("left", "right"):
+            with torch.no_grad(), net.active(arch, side):
+                torch.testing.assert_close(net.extract(arch)(x), net(x), atol=1e-5, rtol=0)
+        assert net.num_params(arch) == sum(p.numel() for p in net.extract(arch).parameters())
+    a2 = net.blocks[0].attn.active_params(96, 2)["qkv.weight"]
+    a4 = net.blocks[0].attn.active_params(96, 4)["qkv.weight"]
+    assert torch.equal(a2[2 * 64 :], a4[2 * 128 : 2 * 128 + 64])  # v: the shared leading rows
+    assert not torch.equal(a2[:64], a4[:64])  # q: private to the head count
+    with pytest.raises(ValueError, match="num_heads=5 has no private q/k|exceeds"):
+        net.set_active(ArchConfig(96, 4, (2.0,) * 4, (2, 5, 2, 2)))
+    net.train()
+    net.set_active(ArchConfig(96, 4, (2.0,) * 4, (3,) * 4))
+    net(x).sum().backward()
+    attn = net.blocks[0].attn
+    assert attn.qk["h3"].weight.grad is not None and attn.qk["h2"].weight.grad is None
+
+
+def test_vitas_options_are_opt_in_space_yaml_fields(tmp_path):
+    path = tmp_path / "vitas.yaml"
+    path.write_text("embed_dim: [96, 128]\ndepth: [4, 5]\nmlp_ratio: [2, 4]\nnum_heads: [2, 4]\nhead_dim: 32\n"
+                    "img_size: 32\npatch_size: 4\nrel_pos_max: 7\npatch_sizes: [4, 8]\nprivate_qk: true\n"
+                    "bilateral: true\n")
+    space = SearchSpace.from_yaml(path)
+    assert space.patch_sizes == (4, 8) and space.private_qk and space.bilateral
+    net = ViTSupernet(space, num_classes=10)
+    assert net.private_qk == (2, 4) and set(net.patch_embeds.keys()) == {"p4", "p8"}
+    for name in ("autoformer-tiny", "autoformer-small", "autoformer-base"):
+        preset = SearchSpace.preset(name)
+        assert preset.patch_sizes is None and not preset.private_qk and not preset.bilateral

@@ -141,7 +141,7 @@ def run_pipeline(
         norm=norm,
         batch_size=scfg.batch_size,
         device=device,
-        bilateral=bool(tcfg.get("bilateral", False)),
+        bilateral=bool(tcfg.get("bilateral", False)) or space.bilateral,
     )
     memo: dict[str, dict[str, float]] = {}  # the baseline reuses scores of archs the main search evaluated
 

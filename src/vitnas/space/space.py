@@ -53,6 +53,8 @@ class SearchSpace:
     patch_size: int = 16
     rel_pos_max: int = 14
     patch_sizes: tuple[int, ...] | None = None  # ViTAS: searched patch sizes (each with its own tokens)
+    private_qk: bool = False  # ViTAS: q/k private to each num_heads choice, v shared
+    bilateral: bool = False  # BCNet / ViTAS: widths sliced from either edge; training alternates, search averages
     name: str = "custom"
 
     def __post_init__(self) -> None:

@@ -42,12 +42,18 @@ class SuperAttention(nn.Module):
         rel_pos_max: int | None,
         qkv_layout: str,
         irpe: IRPEConfig | None = None,
+        private_qk: tuple[int, ...] | None = None,
     ) -> None:
         super().__init__()
         self.head_dim = head_dim
         self.scale = head_dim**-0.5
         self.qkv_layout = qkv_layout
-        self.qkv = nn.Linear(max_dim, 3 * max_heads * head_dim, bias=qkv_bias)
+        self.private_qk = private_qk
+        if private_qk is None:
+            self.qkv = nn.Linear(max_dim, 3 * max_heads * head_dim, bias=qkv_bias)
+        else:  # ViTAS: q and k private to each head-count choice, v shared and sliced
+            self.qk = nn.ModuleDict({f"h{h}": nn.Linear(max_dim, 2 * h * head_dim, bias=qkv_bias) for h in private_qk})
+            self.v = nn.Linear(max_dim, max_heads * head_dim, bias=qkv_bias)
         self.proj = nn.Linear(max_heads * head_dim, max_dim)
         self.rel_pos_k = RelativePosition2D(head_dim, rel_pos_max) if rel_pos_max else None
         self.rel_pos_v = RelativePosition2D(head_dim, rel_pos_max) if rel_pos_max else None
@@ -61,7 +67,15 @@ class SuperAttention(nn.Module):
 
     def active_params(self, dim: int, heads: int, side: str = "left") -> dict[str, Tensor]:
         """The subnet's parameters, named as in `vitnas.models.vit.Attention`."""
-        qw, qb = slice_qkv(self.qkv.weight, self.qkv.bias, heads, self.head_dim, dim, self.qkv_layout, side)
+        if self.private_qk is None:
+            qw, qb = slice_qkv(self.qkv.weight, self.qkv.bias, heads, self.head_dim, dim, self.qkv_layout, side)
+        else:
+            if heads not in self.private_qk:
+                raise ValueError(f"num_heads={heads} has no private q/k (choices {list(self.private_qk)})")
+            qk = self.qk[f"h{heads}"]
+            vw, vb = slice_linear(self.v.weight, self.v.bias, heads * self.head_dim, dim, side)
+            qw = torch.cat([qk.weight[:, edge(dim, qk.weight.shape[1], side)], vw])
+            qb = None if qk.bias is None else torch.cat([qk.bias, vb])
         pw, pb = slice_linear(self.proj.weight, self.proj.bias, dim, heads * self.head_dim, side)
         out = {"qkv.weight": qw, "proj.weight": pw, "proj.bias": pb}
         if qb is not None:
@@ -153,10 +167,11 @@ class SuperBlock(nn.Module):
         qkv_layout: str,
         drop_path: float,
         irpe: IRPEConfig | None = None,
+        private_qk: tuple[int, ...] | None = None,
     ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(max_dim, eps=norm_eps)
-        self.attn = SuperAttention(max_dim, max_heads, head_dim, qkv_bias, rel_pos_max, qkv_layout, irpe)
+        self.attn = SuperAttention(max_dim, max_heads, head_dim, qkv_bias, rel_pos_max, qkv_layout, irpe, private_qk)
         self.norm2 = nn.LayerNorm(max_dim, eps=norm_eps)
         self.mlp = SuperMlp(max_dim, max_hidden)
         self.drop_path = drop_path
@@ -220,9 +235,15 @@ class ViTSupernet(nn.Module):
         drop_path_rate: float = 0.0,
         qkv_layout: str = "standard",
         irpe: dict[str, Any] | None = None,
+        private_qk: bool | None = None,
     ) -> None:
         super().__init__()
         irpe_cfg = IRPEConfig(**irpe) if irpe else None  # iRPE tables, sliced with the active heads
+        # ViTAS attention: q/k private to each head-count choice, v shared
+        private_qk = space.private_qk if private_qk is None else private_qk  # default: the space's setting
+        self.private_qk = tuple(space.num_heads) if private_qk else None
+        if private_qk and qkv_layout != "standard":
+            raise ValueError("private_qk needs qkv_layout='standard'")
         if qkv_layout not in QKV_LAYOUTS:
             raise ValueError(f"qkv_layout={qkv_layout!r}; expected one of {QKV_LAYOUTS}")
         if global_pool not in ("avg", "token"):
@@ -245,6 +266,7 @@ class ViTSupernet(nn.Module):
             drop_path_rate=drop_path_rate,
             qkv_layout=qkv_layout,
             irpe=dict(irpe) if irpe else None,
+            private_qk=private_qk,
         )
         img_size = space.img_size if img_size is None else img_size
         patch_size = space.patch_size if patch_size is None else patch_size
@@ -305,6 +327,7 @@ class ViTSupernet(nn.Module):
                 qkv_layout,
                 self.drop_path_rates[i],
                 irpe_cfg,
+                self.private_qk,
             )
             for i in range(self.max_depth)
         )
@@ -337,6 +360,12 @@ class ViTSupernet(nn.Module):
         if not isinstance(arch, ArchConfig):
             raise TypeError(f"expected an ArchConfig, got {type(arch).__name__}")
         problems = self.space.capacity_violations(arch)
+        if self.private_qk is not None:
+            problems += [
+                f"num_heads[{i}]={h} has no private q/k; choices {list(self.private_qk)}"
+                for i, h in enumerate(arch.num_heads)
+                if h not in self.private_qk
+            ]
         if problems:
             more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
             raise ValueError(f"arch does not fit the supernet: {problems[0]}{more}")

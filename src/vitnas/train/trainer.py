@@ -310,7 +310,7 @@ class Trainer:
         archs = sample_step_archs(self.space, self.cfg, step)
         total = torch.zeros((), device=self.device)
         teacher = None
-        side = "right" if self.cfg.bilateral and step % 2 else "left"
+        side = "right" if (self.cfg.bilateral or self.space.bilateral) and step % 2 else "left"
         for i, arch in enumerate(archs):
             self.model.set_active(arch, side)
             with autocast:
