@@ -196,3 +196,23 @@ def test_supernet_with_irpe_extracts_exactly(irpe):
     net.set_active(space.largest())
     net(x).sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in net.named_parameters() if "rpe_" in n)
+
+
+# Checksums of the bucket ids that the reference code (microsoft/Cream iRPE/DeiT-with-iRPE/irpe.py,
+# get_bucket_ids_2d with skip=1 on a 14x14 grid) produces: (sum of ids, sum of ids x weights).
+REFERENCE_CHECKSUMS = [
+    ("euc", 20, "", 1845765, 8934083167),
+    ("quant", 33, "", 3961617, 19196011269),
+    ("product", 1.9, "", 941241, 4761949025),
+    ("cross", 20, "rows", 1568473, 7662595380),
+    ("cross", 20, "cols", 1568473, 7604232620),
+    ("euc", 1.9, "", 225595, 1095387847),
+    ("quant", 2.5, "", 375331, 1823045250),
+]
+
+
+@pytest.mark.parametrize("method,ratio,part,total,weighted", REFERENCE_CHECKSUMS)
+def test_bucket_ids_of_every_method_match_the_reference(method, ratio, part, total, weighted):
+    ids = irpe_bucket_ids(IRPEConfig(method=method, ratio=ratio), (14, 14), part=part)
+    w = torch.arange(197 * 197).view(197, 197) % 9973
+    assert int(ids.sum()) == total and int((ids * w).sum()) == weighted
