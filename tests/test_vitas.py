@@ -151,3 +151,15 @@ def test_vitas_options_are_opt_in_space_yaml_fields(tmp_path):
     for name in ("autoformer-tiny", "autoformer-small", "autoformer-base"):
         preset = SearchSpace.preset(name)
         assert preset.patch_sizes is None and not preset.private_qk and not preset.bilateral
+
+
+def test_all_vitas_dimensions_together_extract_exactly():
+    space = SearchSpace.preset("cifar").with_(patch_sizes=(4, 8), private_qk=True, bilateral=True)
+    torch.manual_seed(0)
+    net = ViTSupernet(space, num_classes=10, irpe={"on": "k"}).eval()
+    x = torch.randn(2, 3, 32, 32)
+    rng = np.random.default_rng(4)
+    for arch in [space.sample(rng) for _ in range(4)]:
+        for side in ("left", "right"):
+            with torch.no_grad(), net.active(arch, side):
+                torch.testing.assert_close(net.extract(arch)(x), net(x), atol=1e-5, rtol=0)
