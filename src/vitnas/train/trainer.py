@@ -269,8 +269,9 @@ class Trainer:
         """Continue the run saved at `path`; its settings are checked before anything is loaded."""
         groups, meta = read_checkpoint(path)
         saved = meta["config"]
+        defaults = TrainConfig().to_dict()  # keys added since a checkpoint was written take their defaults
         for key in self.RESUME_KEYS:
-            if saved.get(key) != getattr(self.cfg, key):
+            if saved.get(key, defaults[key]) != getattr(self.cfg, key):
                 raise ValueError(
                     f"{path}: written by a run with {key}={saved.get(key)!r}; this run has "
                     f"{key}={getattr(self.cfg, key)!r}. Resume with the same settings or use another "
