@@ -141,9 +141,11 @@ def test_private_qk_per_head_count_with_shared_v():
 
 def test_vitas_options_are_opt_in_space_yaml_fields(tmp_path):
     path = tmp_path / "vitas.yaml"
-    path.write_text("embed_dim: [96, 128]\ndepth: [4, 5]\nmlp_ratio: [2, 4]\nnum_heads: [2, 4]\nhead_dim: 32\n"
-                    "img_size: 32\npatch_size: 4\nrel_pos_max: 7\npatch_sizes: [4, 8]\nprivate_qk: true\n"
-                    "bilateral: true\n")
+    path.write_text(
+        "embed_dim: [96, 128]\ndepth: [4, 5]\nmlp_ratio: [2, 4]\nnum_heads: [2, 4]\nhead_dim: 32\n"
+        "img_size: 32\npatch_size: 4\nrel_pos_max: 7\npatch_sizes: [4, 8]\nprivate_qk: true\n"
+        "bilateral: true\n"
+    )
     space = SearchSpace.from_yaml(path)
     assert space.patch_sizes == (4, 8) and space.private_qk and space.bilateral
     net = ViTSupernet(space, num_classes=10)

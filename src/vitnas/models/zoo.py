@@ -131,3 +131,51 @@ def autoformer_small(**kw: Any) -> VisionTransformer:
 @register_model
 def autoformer_base(**kw: Any) -> VisionTransformer:
     return _autoformer("base", **kw)
+
+
+# EfficientViT M0-M5 (EfficientViT/classification/model/build.py): embed dims, depths, heads, kernels.
+EFFICIENTVIT = {
+    "m0": ((64, 128, 192), (1, 2, 3), (4, 4, 4), (5, 5, 5, 5)),
+    "m1": ((128, 144, 192), (1, 2, 3), (2, 3, 3), (7, 5, 3, 3)),
+    "m2": ((128, 192, 224), (1, 2, 3), (4, 3, 2), (7, 5, 3, 3)),
+    "m3": ((128, 240, 320), (1, 2, 3), (4, 3, 4), (5, 5, 5, 5)),
+    "m4": ((128, 256, 384), (1, 2, 3), (4, 4, 4), (7, 5, 3, 3)),
+    "m5": ((192, 288, 384), (1, 3, 4), (3, 3, 4), (7, 5, 3, 3)),
+}
+
+
+def _efficientvit(variant: str, **kw: Any):
+    from vitnas.models.efficientvit import EfficientViT
+
+    e, d, h, k = EFFICIENTVIT[variant]
+    return EfficientViT(**{**dict(embed_dim=e, depth=d, num_heads=h, kernels=k), **kw})
+
+
+@register_model
+def efficientvit_m0(**kw: Any):
+    return _efficientvit("m0", **kw)
+
+
+@register_model
+def efficientvit_m1(**kw: Any):
+    return _efficientvit("m1", **kw)
+
+
+@register_model
+def efficientvit_m2(**kw: Any):
+    return _efficientvit("m2", **kw)
+
+
+@register_model
+def efficientvit_m3(**kw: Any):
+    return _efficientvit("m3", **kw)
+
+
+@register_model
+def efficientvit_m4(**kw: Any):
+    return _efficientvit("m4", **kw)
+
+
+@register_model
+def efficientvit_m5(**kw: Any):
+    return _efficientvit("m5", **kw)

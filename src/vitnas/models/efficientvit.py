@@ -1,0 +1,282 @@
+"""EfficientViT (Liu et al., CVPR'23): sandwich blocks with cascaded group attention, BN everywhere.
+
+Module names follow the reference (microsoft/Cream, EfficientViT/classification) so its state dicts load
+with strict keys. `model.fuse()` folds every BatchNorm into the preceding conv / following linear for
+inference; fused and unfused models give the same outputs in eval mode.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["EfficientViT", "Conv2dBN", "BNLinear", "fuse_batchnorms"]
+
+
+class Conv2dBN(nn.Sequential):
+    """Conv (no bias) + BatchNorm, keys `c` and `bn`."""
+
+    def __init__(
+        self, a: int, b: int, ks: int = 1, stride: int = 1, pad: int = 0, groups: int = 1, bn_weight_init: float = 1.0
+    ) -> None:
+        super().__init__()
+        self.add_module("c", nn.Conv2d(a, b, ks, stride, pad, groups=groups, bias=False))
+        self.add_module("bn", nn.BatchNorm2d(b))
+        nn.init.constant_(self.bn.weight, bn_weight_init)
+        nn.init.zeros_(self.bn.bias)
+
+    @torch.no_grad()
+    def fuse(self) -> nn.Conv2d:
+        c, bn = self.c, self.bn
+        s = bn.weight / (bn.running_var + bn.eps).sqrt()
+        conv = nn.Conv2d(
+            c.in_channels, c.out_channels, c.kernel_size, c.stride, c.padding, groups=c.groups, device=c.weight.device
+        )
+        conv.weight.copy_(c.weight * s[:, None, None, None])
+        conv.bias.copy_(bn.bias - bn.running_mean * s)
+        return conv
+
+
+class BNLinear(nn.Sequential):
+    """BatchNorm1d + Linear, keys `bn` and `l`."""
+
+    def __init__(self, a: int, b: int, std: float = 0.02) -> None:
+        super().__init__()
+        self.add_module("bn", nn.BatchNorm1d(a))
+        self.add_module("l", nn.Linear(a, b))
+        nn.init.trunc_normal_(self.l.weight, std=std)
+        nn.init.zeros_(self.l.bias)
+
+    @torch.no_grad()
+    def fuse(self) -> nn.Linear:
+        bn, lin = self.bn, self.l
+        s = bn.weight / (bn.running_var + bn.eps).sqrt()
+        shift = bn.bias - bn.running_mean * s
+        out = nn.Linear(lin.in_features, lin.out_features, device=lin.weight.device)
+        out.weight.copy_(lin.weight * s[None, :])
+        out.bias.copy_(lin.weight @ shift + lin.bias)
+        return out
+
+
+class Residual(nn.Module):
+    def __init__(self, m: nn.Module) -> None:
+        super().__init__()
+        self.m = m
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.m(x)
+
+
+class FFN(nn.Module):
+    def __init__(self, ed: int, hidden: int) -> None:
+        super().__init__()
+        self.pw1 = Conv2dBN(ed, hidden)
+        self.act = nn.ReLU()
+        self.pw2 = Conv2dBN(hidden, ed, bn_weight_init=0.0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.pw2(self.act(self.pw1(x)))
+
+
+class SqueezeExcite(nn.Module):
+    """SE with a 1/4 squeeze (timm's SEModule as the reference uses it): keys fc1, fc2."""
+
+    def __init__(self, channels: int, rd_ratio: float = 0.25, divisor: int = 8) -> None:
+        super().__init__()
+        v = channels * rd_ratio
+        rd = max(divisor, int(v + divisor / 2) // divisor * divisor)
+        self.fc1 = nn.Conv2d(channels, rd, 1)
+        self.act = nn.ReLU()
+        self.fc2 = nn.Conv2d(rd, channels, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        s = self.fc2(self.act(self.fc1(x.mean((2, 3), keepdim=True))))
+        return x * s.sigmoid()
+
+
+class PatchMerging(nn.Module):
+    def __init__(self, dim: int, out_dim: int) -> None:
+        super().__init__()
+        hid = int(dim * 4)
+        self.conv1 = Conv2dBN(dim, hid)
+        self.act = nn.ReLU()
+        self.conv2 = Conv2dBN(hid, hid, 3, 2, 1, groups=hid)
+        self.se = SqueezeExcite(hid)
+        self.conv3 = Conv2dBN(hid, out_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv3(self.se(self.act(self.conv2(self.act(self.conv1(x))))))
+
+
+class CascadedGroupAttention(nn.Module):
+    """Each head attends over its own channel chunk plus the previous head's output; q gets a
+    depthwise conv; a learned bias per head and |dy|, |dx| offset."""
+
+    def __init__(
+        self, dim: int, key_dim: int, num_heads: int, attn_ratio: float, resolution: int, kernels: Sequence[int]
+    ) -> None:
+        super().__init__()
+        self.num_heads, self.key_dim = num_heads, key_dim
+        self.scale = key_dim**-0.5
+        self.d = int(attn_ratio * key_dim)
+        self.qkvs = nn.ModuleList(Conv2dBN(dim // num_heads, 2 * key_dim + self.d) for _ in range(num_heads))
+        self.dws = nn.ModuleList(
+            Conv2dBN(key_dim, key_dim, kernels[i], 1, kernels[i] // 2, groups=key_dim) for i in range(num_heads)
+        )
+        self.proj = nn.Sequential(nn.ReLU(), Conv2dBN(self.d * num_heads, dim, bn_weight_init=0.0))
+        points = list(itertools.product(range(resolution), range(resolution)))
+        idxs = [abs(p[0] - q[0]) * resolution + abs(p[1] - q[1]) for p in points for q in points]
+        self.attention_biases = nn.Parameter(torch.zeros(num_heads, resolution * resolution))
+        self.register_buffer("attention_bias_idxs", torch.tensor(idxs, dtype=torch.long).view(len(points), len(points)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, _, H, W = x.shape
+        bias = self.attention_biases[:, self.attention_bias_idxs]
+        chunks = x.chunk(self.num_heads, dim=1)
+        outs = []
+        feat = chunks[0]
+        for i, (qkv, dw) in enumerate(zip(self.qkvs, self.dws)):
+            if i > 0:
+                feat = feat + chunks[i]
+            q, k, v = qkv(feat).split([self.key_dim, self.key_dim, self.d], dim=1)
+            q = dw(q)
+            q, k, v = q.flatten(2), k.flatten(2), v.flatten(2)
+            attn = ((q.transpose(-2, -1) @ k) * self.scale + bias[i]).softmax(dim=-1)
+            feat = (v @ attn.transpose(-2, -1)).view(B, self.d, H, W)
+            outs.append(feat)
+        return self.proj(torch.cat(outs, 1))
+
+
+class LocalWindowAttention(nn.Module):
+    def __init__(
+        self,
+        dim: int,
+        key_dim: int,
+        num_heads: int,
+        attn_ratio: float,
+        resolution: int,
+        window_resolution: int,
+        kernels: Sequence[int],
+    ) -> None:
+        super().__init__()
+        self.resolution = resolution
+        self.win = min(window_resolution, resolution)
+        self.attn = CascadedGroupAttention(dim, key_dim, num_heads, attn_ratio, self.win, kernels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, C, H, W = x.shape
+        win = self.win
+        if win >= H and win >= W:
+            return self.attn(x)
+        x = x.permute(0, 2, 3, 1)
+        pad_b, pad_r = (win - H % win) % win, (win - W % win) % win
+        if pad_b or pad_r:
+            x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
+        pH, pW = H + pad_b, W + pad_r
+        nH, nW = pH // win, pW // win
+        x = x.view(B, nH, win, nW, win, C).transpose(2, 3).reshape(B * nH * nW, win, win, C).permute(0, 3, 1, 2)
+        x = self.attn(x)
+        x = x.permute(0, 2, 3, 1).view(B, nH, nW, win, win, C).transpose(2, 3).reshape(B, pH, pW, C)
+        return x[:, :H, :W].permute(0, 3, 1, 2)
+
+
+class EfficientViTBlock(nn.Module):
+    """The sandwich: depthwise conv, FFN, attention, depthwise conv, FFN, each residual."""
+
+    def __init__(
+        self, ed: int, kd: int, nh: int, ar: float, resolution: int, window: int, kernels: Sequence[int]
+    ) -> None:
+        super().__init__()
+        self.dw0 = Residual(Conv2dBN(ed, ed, 3, 1, 1, groups=ed, bn_weight_init=0.0))
+        self.ffn0 = Residual(FFN(ed, int(ed * 2)))
+        self.mixer = Residual(LocalWindowAttention(ed, kd, nh, ar, resolution, window, kernels))
+        self.dw1 = Residual(Conv2dBN(ed, ed, 3, 1, 1, groups=ed, bn_weight_init=0.0))
+        self.ffn1 = Residual(FFN(ed, int(ed * 2)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.ffn1(self.dw1(self.mixer(self.ffn0(self.dw0(x)))))
+
+
+def _subsample_side(ed: int) -> nn.Sequential:
+    return nn.Sequential(Residual(Conv2dBN(ed, ed, 3, 1, 1, groups=ed)), Residual(FFN(ed, int(ed * 2))))
+
+
+class EfficientViT(nn.Module):
+    def __init__(
+        self,
+        *,
+        img_size: int = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        embed_dim: Sequence[int] = (64, 128, 192),
+        key_dim: Sequence[int] = (16, 16, 16),
+        depth: Sequence[int] = (1, 2, 3),
+        num_heads: Sequence[int] = (4, 4, 4),
+        window_size: Sequence[int] = (7, 7, 7),
+        kernels: Sequence[int] = (5, 5, 5, 5),
+    ) -> None:
+        super().__init__()
+        self.config: dict[str, Any] = dict(
+            img_size=img_size,
+            patch_size=patch_size,
+            in_chans=in_chans,
+            num_classes=num_classes,
+            embed_dim=list(embed_dim),
+            key_dim=list(key_dim),
+            depth=list(depth),
+            num_heads=list(num_heads),
+            window_size=list(window_size),
+            kernels=list(kernels),
+        )
+        self.num_classes = num_classes
+        e0 = embed_dim[0]
+        self.patch_embed = nn.Sequential(
+            Conv2dBN(in_chans, e0 // 8, 3, 2, 1),
+            nn.ReLU(),
+            Conv2dBN(e0 // 8, e0 // 4, 3, 2, 1),
+            nn.ReLU(),
+            Conv2dBN(e0 // 4, e0 // 2, 3, 2, 1),
+            nn.ReLU(),
+            Conv2dBN(e0 // 2, e0, 3, 2, 1),
+        )
+        res = img_size // patch_size
+        stages: list[list[nn.Module]] = [[], [], []]
+        for i, (ed, kd, dpth, nh, win) in enumerate(zip(embed_dim, key_dim, depth, num_heads, window_size)):
+            ar = ed / (kd * nh)
+            for _ in range(dpth):
+                stages[i].append(EfficientViTBlock(ed, kd, nh, ar, res, win, kernels))
+            if i < len(embed_dim) - 1:  # subsample into the next stage
+                stages[i + 1] += [_subsample_side(ed), PatchMerging(ed, embed_dim[i + 1])]
+                res = (res - 1) // 2 + 1
+                stages[i + 1].append(_subsample_side(embed_dim[i + 1]))
+        self.blocks1, self.blocks2, self.blocks3 = (nn.Sequential(*s) for s in stages)
+        self.head = BNLinear(embed_dim[-1], num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        return self.blocks3(self.blocks2(self.blocks1(self.patch_embed(x))))
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        x = F.adaptive_avg_pool2d(x, 1).flatten(1)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def fuse(self) -> EfficientViT:
+        """Fold every BatchNorm into its conv / linear, in place (for inference); returns self."""
+        fuse_batchnorms(self)
+        return self.eval()
+
+
+def fuse_batchnorms(module: nn.Module) -> None:
+    for name, child in module.named_children():
+        if isinstance(child, (Conv2dBN, BNLinear)):
+            setattr(module, name, child.fuse())
+        else:
+            fuse_batchnorms(child)
