@@ -64,8 +64,10 @@ def main() -> None:
     with torch.inference_mode():
         for name in names:
             model = vitnas.create_model(name).eval()
-            row = {"params_m": round(sum(q.numel() for q in model.parameters()) / 1e6, 2),
-                   "eager": rate(lambda m=model: m(x), args.batch, args.reps)}
+            row = {
+                "params_m": round(sum(q.numel() for q in model.parameters()) / 1e6, 2),
+                "eager": rate(lambda m=model: m(x), args.batch, args.reps),
+            }
             if hasattr(model, "fuse"):
                 fused = copy.deepcopy(model).fuse()
                 row["eager_fused"] = rate(lambda m=fused: m(x), args.batch, args.reps)
