@@ -34,10 +34,14 @@ def test_autoformer_small_and_base_sizes():
 
 
 @pytest.mark.parametrize(
-    "name", [pytest.param(n, marks=pytest.mark.slow) if "base" in n else n for n in vitnas.list_models()]
+    "name",
+    [
+        pytest.param(n, marks=pytest.mark.slow) if "base" in n or n.endswith(("_384", "_512")) else n
+        for n in vitnas.list_models()
+    ],
 )
 def test_every_registered_model_runs_and_trains(name):
-    """Base-size models (slow to initialize on 2 cores) run with `make test-all`."""
+    """Base-size and high-resolution variants (slow on 2 cores) run with `make test-all`."""
     torch.manual_seed(0)
     model = vitnas.create_model(name, num_classes=7, img_size=32)  # a 2x2 grid keeps it cheap
     x = torch.randn(2, 3, 32, 32)

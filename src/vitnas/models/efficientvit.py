@@ -7,7 +7,6 @@ inference; fused and unfused models give the same outputs in eval mode.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Sequence
 from typing import Any
 
@@ -113,6 +112,14 @@ class PatchMerging(nn.Module):
         return self.conv3(self.se(self.act(self.conv2(self.act(self.conv1(x))))))
 
 
+def offset_index(res: int) -> Tensor:
+    """(res^2, res^2) bias index |dy| * res + |dx| between grid points in row-major order (the order in which
+    the reference numbers its offsets)."""
+    pos = torch.arange(res)
+    y, x = pos.repeat_interleave(res), pos.repeat(res)
+    return (y[:, None] - y[None, :]).abs() * res + (x[:, None] - x[None, :]).abs()
+
+
 class CascadedGroupAttention(nn.Module):
     """Each head attends over its own channel chunk plus the previous head's output; q gets a
     depthwise conv; a learned bias per head and |dy|, |dx| offset."""
@@ -129,10 +136,8 @@ class CascadedGroupAttention(nn.Module):
             Conv2dBN(key_dim, key_dim, kernels[i], 1, kernels[i] // 2, groups=key_dim) for i in range(num_heads)
         )
         self.proj = nn.Sequential(nn.ReLU(), Conv2dBN(self.d * num_heads, dim, bn_weight_init=0.0))
-        points = list(itertools.product(range(resolution), range(resolution)))
-        idxs = [abs(p[0] - q[0]) * resolution + abs(p[1] - q[1]) for p in points for q in points]
         self.attention_biases = nn.Parameter(torch.zeros(num_heads, resolution * resolution))
-        self.register_buffer("attention_bias_idxs", torch.tensor(idxs, dtype=torch.long).view(len(points), len(points)))
+        self.register_buffer("attention_bias_idxs", offset_index(resolution))
 
     def forward(self, x: Tensor) -> Tensor:
         B, _, H, W = x.shape

@@ -179,3 +179,51 @@ def efficientvit_m4(**kw: Any):
 @register_model
 def efficientvit_m5(**kw: Any):
     return _efficientvit("m5", **kw)
+
+
+# TinyViT (TinyViT/models/tiny_vit.py): embed dims, heads, drop-path; depths 2,2,6,2; windows 7,7,14,7.
+TINYVIT = {
+    "5m": ((64, 128, 160, 320), (2, 4, 5, 10), 0.0),
+    "11m": ((64, 128, 256, 448), (2, 4, 8, 14), 0.1),
+    "21m": ((96, 192, 384, 576), (3, 6, 12, 18), 0.2),
+}
+
+
+def _tinyvit(variant: str, windows=(7, 7, 14, 7), img_size: int = 224, drop_path_rate: float | None = None, **kw: Any):
+    from vitnas.models.tinyvit import TinyViT
+
+    dims, heads, dpr = TINYVIT[variant]
+    return TinyViT(
+        embed_dims=dims,
+        depths=(2, 2, 6, 2),
+        num_heads=heads,
+        window_sizes=windows,
+        img_size=img_size,
+        drop_path_rate=dpr if drop_path_rate is None else drop_path_rate,
+        **kw,
+    )
+
+
+@register_model
+def tiny_vit_5m_224(**kw: Any):
+    return _tinyvit("5m", **kw)
+
+
+@register_model
+def tiny_vit_11m_224(**kw: Any):
+    return _tinyvit("11m", **kw)
+
+
+@register_model
+def tiny_vit_21m_224(**kw: Any):
+    return _tinyvit("21m", **kw)
+
+
+@register_model
+def tiny_vit_21m_384(**kw: Any):
+    return _tinyvit("21m", windows=(12, 12, 24, 12), **{"img_size": 384, "drop_path_rate": 0.1, **kw})
+
+
+@register_model
+def tiny_vit_21m_512(**kw: Any):
+    return _tinyvit("21m", windows=(16, 16, 32, 16), **{"img_size": 512, "drop_path_rate": 0.1, **kw})

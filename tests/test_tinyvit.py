@@ -1,0 +1,37 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import vitnas
+
+# Parameters and MACs of the reference implementation at 1000 classes (published: 5.4M/1.3G, 11M/2.0G, 21M/4.3G).
+REFERENCE = {
+    "tiny_vit_5m_224": (5_392_764, 1_255_174_720),
+    "tiny_vit_11m_224": (10_996_972, 2_016_046_144),
+    "tiny_vit_21m_224": (21_198_568, 4_250_329_536),
+    "tiny_vit_21m_384": (21_230_488, None),
+    "tiny_vit_21m_512": (21_268_120, None),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCE))
+def test_parameters_and_macs(name):
+    params, macs = REFERENCE[name]
+    with torch.device("meta"):
+        meta_model = vitnas.create_model(name)
+    assert sum(p.numel() for p in meta_model.parameters()) == params
+    if macs is not None and name != "tiny_vit_21m_224":  # 21m: same code path, 4 GMACs is slow on 2 cores
+        model = vitnas.create_model(name).eval()
+        counter = FlopCounterMode(display=False)
+        with counter, torch.no_grad():
+            model(torch.randn(1, 3, 224, 224))
+        assert counter.get_total_flops() / 2 == pytest.approx(macs, rel=1e-6)
+
+
+def test_windows_pad_non_multiple_grids():
+    """224 + 32 px: stage maps of 64/32/16/8 against windows 7/7/14/7 need padding, then cropping."""
+    model = vitnas.create_model("tiny_vit_5m_224", num_classes=3, img_size=256).eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 256, 256)).shape == (1, 3)
