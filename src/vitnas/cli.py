@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vitnas.report import table
 from vitnas.space import ArchConfig, SearchSpace
 
 log = logging.getLogger("vitnas")
@@ -19,14 +20,6 @@ log = logging.getLogger("vitnas")
 
 def _space_from_args(args: argparse.Namespace) -> SearchSpace:
     return SearchSpace.from_yaml(args.space_yaml) if args.space_yaml else SearchSpace.preset(args.space)
-
-
-def _table(rows: list[list[str]], header: list[str]) -> str:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    fmt = "  ".join(f"{{:>{w}}}" for w in widths)
-    lines = [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
-    lines += [fmt.format(*r) for r in rows]
-    return "\n".join(lines)
 
 
 def cmd_space(args: argparse.Namespace) -> int:
@@ -64,7 +57,7 @@ def cmd_space(args: argparse.Namespace) -> int:
                 f"{net.num_macs(arch) / 1e9:.3f}G",
             ]
         )
-    print(_table(rows, ["subnet", "embed_dim", "depth", "mean mlp", "mean heads", "params", "MACs"]))
+    print(table(rows, ["subnet", "embed_dim", "depth", "mean mlp", "mean heads", "params", "MACs"]))
     arch = archs[-1][1]
     x = torch.randn(2, 3, *net.img_size)
     with torch.inference_mode(), net.active(arch):
@@ -85,7 +78,6 @@ def _run_pipeline(cfg, fresh: bool) -> int:
     from tqdm import tqdm
 
     from vitnas.pipeline import run_pipeline
-    from vitnas.report import table
 
     bars: dict[str, tqdm] = {}
 
@@ -350,7 +342,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             [name, (arch.key() if arch else model.arch.key())[:60], f"{r['top1']:.2f}", f"{r['loss']:.4f}", str(r["n"])]
         )
     print(f"{args.checkpoint} on the {args.split} split of {data.name}:")
-    print(_table(rows, ["subnet", "arch", "top1 %", "loss", "images"]))
+    print(table(rows, ["subnet", "arch", "top1 %", "loss", "images"]))
     return 0
 
 

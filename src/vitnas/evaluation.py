@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -13,7 +13,7 @@ from vitnas.data.augment import AugmentConfig, eval_transform
 from vitnas.data.datasets import Split
 from vitnas.space.arch import ArchConfig
 
-__all__ = ["evaluate"]
+__all__ = ["evaluate", "score_batches"]
 
 
 @torch.inference_mode()
@@ -37,18 +37,31 @@ def evaluate(
     ctx = model.active(arch) if arch is not None else contextlib.nullcontext()
     if len(split) == 0:
         raise ValueError("cannot evaluate on an empty split")
-    totals = torch.zeros(3, dtype=torch.float64)
+    batches = (
+        (eval_transform(images.to(device), img_size, norm), labels.to(device))
+        for images, labels in split.sequential(batch_size, rank, world)
+    )
     try:
         with ctx:
-            for images, labels in split.sequential(batch_size, rank, world):
-                x = eval_transform(images.to(device), img_size, norm)
-                logits = model(x).float()
-                labels = labels.to(device)
-                totals[0] += F.cross_entropy(logits, labels, reduction="sum").item()
-                totals[1] += (logits.argmax(-1) == labels).sum().item()
-                totals[2] += labels.numel()
+            return score_batches(model, batches, reduce)
     finally:
         model.train(was_training)
+
+
+@torch.inference_mode()
+def score_batches(
+    model: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> dict[str, float]:
+    """{'top1', 'loss', 'n'} of `model` over normalized (images, labels) batches; `reduce` combines the
+    counts across ranks."""
+    totals = torch.zeros(3, dtype=torch.float64)
+    for x, labels in batches:
+        logits = model(x).float()
+        totals[0] += F.cross_entropy(logits, labels, reduction="sum").item()
+        totals[1] += (logits.argmax(-1) == labels).sum().item()
+        totals[2] += labels.numel()
     if reduce is not None:
         totals = reduce(totals)
     n = max(totals[2].item(), 1.0)

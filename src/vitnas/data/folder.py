@@ -44,6 +44,12 @@ class FolderIndex:
     def __len__(self) -> int:
         return len(self.paths)
 
+    def warn_skipped(self) -> None:
+        if self.skipped:
+            log.warning(
+                "skipped %d unreadable files under %s (first: %s)", len(self.skipped), self.root, self.skipped[0]
+            )
+
 
 def scan_image_folder(root: str | Path, split: str, *, classes: list[str] | None = None) -> FolderIndex:
     """List `root/split/<class>/*` images. `classes` (from another split) must match exactly."""
@@ -90,10 +96,7 @@ def verify_images(index: FolderIndex) -> None:
             continue
         keep_p.append(path)
         keep_l.append(label)
-    if index.skipped:
-        log.warning(
-            "skipped %d unreadable files under %s (first: %s)", len(index.skipped), index.root, index.skipped[0]
-        )
+    index.warn_skipped()
     index.paths, index.labels = keep_p, keep_l
 
 
@@ -140,10 +143,7 @@ def decode_images(
             continue
         images.append(arr)
         labels.append(label)
-    if index.skipped:
-        log.warning(
-            "skipped %d unreadable files under %s (first: %s)", len(index.skipped), index.root, index.skipped[0]
-        )
+    index.warn_skipped()
     if not images:
         raise DataError(f"{index.root}: no readable images")
     shapes = {a.shape for a in images}

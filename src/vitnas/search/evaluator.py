@@ -6,6 +6,7 @@ import torch
 
 from vitnas.data.augment import AugmentConfig, eval_transform
 from vitnas.data.datasets import Split
+from vitnas.evaluation import score_batches
 from vitnas.space.arch import ArchConfig
 
 __all__ = ["SupernetEvaluator"]
@@ -55,9 +56,7 @@ class SupernetEvaluator:
             "top1_right": right["top1"],
         }
 
-    @torch.inference_mode()
     def _evaluate(self, arch: ArchConfig, side: str) -> dict[str, float]:
-        totals = torch.zeros(3, dtype=torch.float64)
         batches = self._batches
         if batches is None:
             batches = (
@@ -65,12 +64,5 @@ class SupernetEvaluator:
                 for x, y in self.split.sequential(self.batch_size, self.rank, self.world)
             )
         with self.net.active(arch, side):
-            for x, y in batches:
-                logits = self.net(x).float()
-                totals[0] += torch.nn.functional.cross_entropy(logits, y, reduction="sum").item()
-                totals[1] += (logits.argmax(-1) == y).sum().item()
-                totals[2] += y.numel()
-        if self.reduce is not None:
-            totals = self.reduce(totals)
-        n = max(totals[2].item(), 1.0)
-        return {"top1": 100.0 * totals[1].item() / n, "loss": totals[0].item() / n}
+            r = score_batches(self.net, batches, self.reduce)
+        return {"top1": r["top1"], "loss": r["loss"]}

@@ -115,12 +115,9 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, dict[str, torch.Tensor]
     """({'model': ..., 'optim': ..., 'ema': ..., 'rng': ...} tensors, metadata)."""
     from safetensors import safe_open
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such checkpoint")
+    meta = read_metadata(path)  # existence, format and metadata checks
     try:
         with safe_open(str(path), framework="pt") as f:
-            header = f.metadata() or {}
             groups: dict[str, dict[str, torch.Tensor]] = {"model": {}, "optim": {}, "ema": {}, "rng": {}}
             for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
                 group, _, rest = key.partition(".")
@@ -130,14 +127,6 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, dict[str, torch.Tensor]
                     groups.setdefault(group, {})[rest] = f.get_tensor(key)
     except Exception as err:
         raise ValueError(f"{path}: not a readable safetensors checkpoint: {err}") from None
-    if "vitnas" not in header:
-        raise ValueError(f"{path}: missing key 'vitnas' in the safetensors metadata (not a vitnas checkpoint)")
-    try:
-        meta = json.loads(header["vitnas"])
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: damaged metadata: {err}") from None
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{path}: checkpoint format {meta.get('format')!r}, expected {FORMAT!r}")
     return groups, meta
 
 
