@@ -149,7 +149,7 @@ def test_config_errors(tmp_path, capsys):
     assert "unknown key 'learning_rate'" in capsys.readouterr().err
     with pytest.raises(ValueError, match="sampling='sandwitch'"):
         TrainConfig(sampling="sandwitch")
-    with pytest.raises(ValueError, match="task 'subnet' needs arch"):
+    with pytest.raises(ValueError, match="task 'subnet' needs exactly one of arch"):
         TrainConfig(task="subnet")
 
 
@@ -283,3 +283,44 @@ def test_yaml_numbers_without_a_dot(tmp_path):
     path.write_text("lr: fast\n")
     with pytest.raises(ValueError, match=r"c.yaml: lr must be float, got 'fast'"):
         TrainConfig.from_yaml(path)
+
+
+def test_retrain_a_registered_model_then_evaluate_and_export(tmp_path, capsys):
+    """`vitnas retrain --model NAME` trains any registry model; its checkpoint evaluates, resumes and exports."""
+    from vitnas.export import load_subnet
+
+    out = tmp_path / "m0"
+    args = ["retrain", "--model", "efficientvit_m0", "--img-size", "32", "--recipe", "digits", "--epochs", "3"]
+    args += ["--batch-size", "64", "--lr", "8e-3", "--warmup-epochs", "0.5", "--val-per-class", "20"]
+    args += ["--threads", "2", "--out-dir", str(out)]
+    assert cli_main(args) == 0
+    model, meta = load_model(out / "last.safetensors")
+    assert meta["model"] == {
+        "kind": "registry",
+        "name": "efficientvit_m0",
+        "kwargs": {"img_size": 32, "num_classes": 10, "drop_path_rate": 0.1},
+    }
+    assert meta["history"][-1]["val_top1"] > 80.0  # chance is 10%
+    capsys.readouterr()
+    assert cli_main(args + ["--resume"]) == 0  # finished: resumes at the last step and stops
+    assert cli_main(["evaluate", str(out / "last.safetensors"), "--split", "test"]) == 0
+    assert "efficientvit_m0" in capsys.readouterr().out
+    assert cli_main(["export", str(out / "last.safetensors"), "--out", str(tmp_path / "exp"), "--onnx"]) == 0
+    loaded = load_subnet(tmp_path / "exp")
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), atol=0, rtol=0)
+    assert (tmp_path / "exp" / "model.onnx").is_file() and not (tmp_path / "exp" / "arch.yaml").exists()
+
+
+@pytest.mark.parametrize(
+    "extra,match",
+    [
+        (["--model", "efficientvit_m0", "--arch", "a.yaml"], "exactly one of arch"),
+        (["--model", "efficientvit_m0", "--init-from", "s.safetensors"], "init_from inherits supernet weights"),
+        (["--model", "deit_huge"], "unknown model 'deit_huge'"),
+    ],
+)
+def test_retrain_model_errors(tmp_path, capsys, extra, match):
+    assert cli_main(["retrain", "--out-dir", str(tmp_path), *extra]) == 2
+    assert match in capsys.readouterr().err

@@ -177,19 +177,49 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from vitnas.export import export_subnet
+    from vitnas.export import export_subnet, model_name
     from vitnas.train import load_model
 
     model, meta = load_model(args.checkpoint)
-    if meta["model"]["kind"] == "supernet":
+    kind = meta["model"]["kind"]
+    if kind == "supernet":
         if not args.arch:
             raise ValueError(f"{args.checkpoint} holds a supernet: pass --arch (e.g. a search's best.yaml)")
         model = model.extract(ArchConfig.from_yaml(args.arch))
-    elif args.arch and ArchConfig.from_yaml(args.arch) != model.arch:
-        raise ValueError(f"{args.checkpoint} holds {model.arch.key()}, not the arch in {args.arch}")
+    elif args.arch and (kind != "vit" or ArchConfig.from_yaml(args.arch) != model.arch):
+        raise ValueError(f"{args.checkpoint} holds {model_name(model)}, not the arch in {args.arch}")
     extra = {"source": str(args.checkpoint), "classes": meta.get("classes"), "norm": meta.get("norm")}
     folder = export_subnet(model, args.out, extra=extra, onnx=args.onnx)
-    print(f"exported {model.arch.key()} to {folder}")
+    print(f"exported {model_name(model)} to {folder}")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    """Registered models with their parameter counts (and MACs with --macs, which runs each model once)."""
+    import torch
+
+    from vitnas.models import create_model, list_models
+
+    names = list_models(args.pattern)
+    if not names:
+        raise ValueError(f"no registered model matches {args.pattern!r}; `vitnas models` lists them all")
+    rows = []
+    for name in names:
+        with torch.device("meta"):
+            model = create_model(name, num_classes=args.num_classes)
+        row = [name, f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}"]
+        if args.macs:
+            from torch.utils.flop_counter import FlopCounterMode
+
+            from vitnas.models.registry import model_input_size
+
+            model = create_model(name, num_classes=args.num_classes).eval()
+            counter = FlopCounterMode(display=False)
+            with counter, torch.no_grad():
+                model(torch.zeros(1, *model_input_size(model)))
+            row.append(f"{counter.get_total_flops() / 2e6:.0f}")
+        rows.append(row)
+    print(table(rows, ["model", "params (M)"] + (["MACs (M)"] if args.macs else [])))
     return 0
 
 
@@ -313,6 +343,7 @@ def cmd_retrain(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from vitnas.data import AugmentConfig, load_data
     from vitnas.evaluation import evaluate
+    from vitnas.export import model_name
     from vitnas.train import load_model
 
     model, meta = load_model(args.checkpoint, use_ema=args.ema)
@@ -339,7 +370,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     for name, arch in archs:
         r = evaluate(model, split, img_size=meta["img_size"], norm=norm, arch=arch, batch_size=args.batch_size)
         rows.append(
-            [name, (arch.key() if arch else model.arch.key())[:60], f"{r['top1']:.2f}", f"{r['loss']:.4f}", str(r["n"])]
+            [
+                name,
+                (arch.key() if arch else model_name(model))[:60],
+                f"{r['top1']:.2f}",
+                f"{r['loss']:.4f}",
+                str(r["n"]),
+            ]
         )
     print(f"{args.checkpoint} on the {args.split} split of {data.name}:")
     print(table(rows, ["subnet", "arch", "top1 %", "loss", "images"]))
@@ -390,7 +427,16 @@ def build_parser() -> argparse.ArgumentParser:
     ts = sub.add_parser("train-supernet", help="train a weight-sharing supernet")
     _add_config_flags(ts)
     ts.set_defaults(func=cmd_train_supernet)
-    rt = sub.add_parser("retrain", help="train one subnet from scratch, or fine-tune it from a supernet (--init-from)")
+    md = sub.add_parser("models", help="list the registered models (for retrain --model) and their sizes")
+    md.add_argument("pattern", nargs="?", default="*", help="shell-style filter, e.g. 'efficientvit*'")
+    md.add_argument("--num-classes", type=int, default=1000)
+    md.add_argument("--macs", action="store_true", help="also count MACs at the default input size (slower)")
+    md.set_defaults(func=cmd_models)
+    rt = sub.add_parser(
+        "retrain",
+        help="train one subnet (--arch) or registered model (--model) from scratch, or fine-tune a subnet "
+        "from a supernet (--init-from)",
+    )
     _add_config_flags(rt)
     rt.set_defaults(func=cmd_retrain)
 

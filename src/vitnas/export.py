@@ -1,7 +1,8 @@
 """Export a subnet as a standalone folder: `model.safetensors`, `arch.yaml`, `config.json` (+ ONNX).
 
-`load_subnet(folder)` rebuilds the model with no supernet code; the ONNX file is checked against
-onnxruntime when written.
+Registry models (`vitnas.create_model`) export the same way, their config naming the registered model
+and its arguments instead of an arch. `load_subnet(folder)` rebuilds the model with no supernet code;
+the ONNX file is checked against onnxruntime when written.
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from vitnas._io import atomic_save_safetensors, atomic_write_text
+from vitnas.models.registry import create_model, model_input_size
 from vitnas.models.vit import VisionTransformer
 
 __all__ = ["export_subnet", "load_subnet", "export_onnx"]
@@ -22,27 +25,42 @@ __all__ = ["export_subnet", "load_subnet", "export_onnx"]
 log = logging.getLogger(__name__)
 
 
+def model_name(model: nn.Module) -> str:
+    """A short name for messages: the arch key of a ViT, else the registered name."""
+    if isinstance(model, VisionTransformer):
+        return model.arch.key()
+    spec = getattr(model, "registry_spec", None)
+    return spec["name"] if spec else type(model).__name__
+
+
 def export_subnet(
-    model: VisionTransformer,
+    model: nn.Module,
     folder: str | Path,
     *,
     extra: dict[str, Any] | None = None,
     onnx: bool = False,
     onnx_atol: float = 1e-4,
 ) -> Path:
+    """Write a ViT subnet, or a model made by `vitnas.create_model`, as a folder `load_subnet` reads."""
+    if isinstance(model, VisionTransformer):
+        config = {"model": "VisionTransformer", "config": model.config}
+    elif getattr(model, "registry_spec", None):
+        config = {"model": "registry", **model.registry_spec}
+    else:
+        raise TypeError(f"cannot export a {type(model).__name__}: build it with vitnas.create_model")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     atomic_save_safetensors(model.state_dict(), folder / "model.safetensors", metadata={"format": "vitnas-vit-1"})
-    model.arch.to_yaml(folder / "arch.yaml")
-    config = {"model": "VisionTransformer", "config": model.config, **(extra or {})}
-    atomic_write_text(folder / "config.json", json.dumps(config, indent=1))
+    if isinstance(model, VisionTransformer):
+        model.arch.to_yaml(folder / "arch.yaml")
+    atomic_write_text(folder / "config.json", json.dumps({**config, **(extra or {})}, indent=1))
     if onnx:
         export_onnx(model, folder / "model.onnx", atol=onnx_atol)
-    log.info("exported %s to %s", model.arch.key(), folder)
+    log.info("exported %s to %s", model_name(model), folder)
     return folder
 
 
-def load_subnet(folder: str | Path) -> VisionTransformer:
+def load_subnet(folder: str | Path) -> nn.Module:
     """The exported model, in eval mode."""
     from safetensors.torch import load_file
 
@@ -51,10 +69,15 @@ def load_subnet(folder: str | Path) -> VisionTransformer:
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{cfg_path}: missing (not an exported vitnas subnet folder)")
     cfg = json.loads(cfg_path.read_text())
-    if cfg.get("model") != "VisionTransformer" or "config" not in cfg:
-        raise ValueError(f"{cfg_path}: expected keys 'model' = 'VisionTransformer' and 'config'")
-    with torch.device("meta"):
-        model = VisionTransformer(**cfg["config"])
+    if cfg.get("model") == "VisionTransformer" and "config" in cfg:
+        with torch.device("meta"):
+            model = VisionTransformer(**cfg["config"])
+    elif cfg.get("model") == "registry" and "name" in cfg:
+        model = create_model(cfg["name"], **cfg.get("kwargs", {}))
+    else:
+        raise ValueError(
+            f"{cfg_path}: expected 'model' = 'VisionTransformer' with 'config', or 'model' = 'registry' with 'name'"
+        )
     try:
         model.load_state_dict(load_file(folder / "model.safetensors"), strict=True, assign=True)
     except (RuntimeError, FileNotFoundError) as err:
@@ -62,15 +85,15 @@ def load_subnet(folder: str | Path) -> VisionTransformer:
     return model.eval()
 
 
-def export_onnx(model: VisionTransformer, path: str | Path, *, batch: int = 2, atol: float = 1e-4) -> float:
+def export_onnx(model: nn.Module, path: str | Path, *, batch: int = 2, atol: float = 1e-4) -> float:
     """Write ONNX (dynamic batch) and check it against onnxruntime; returns the max abs difference."""
     import numpy as np
     import onnxruntime as ort
 
     path = Path(path)
     model = model.eval()
-    h, w = model.config["img_size"]
-    x = torch.randn(batch, model.config["in_chans"], h, w)
+    c, h, w = model_input_size(model)
+    x = torch.randn(batch, c, h, w)
     tmp = path.with_name(f".{path.name}.tmp")
     with warnings.catch_warnings():  # shapes are static per model: the tracer's constant-folding notes are moot
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
@@ -86,14 +109,14 @@ def export_onnx(model: VisionTransformer, path: str | Path, *, batch: int = 2, a
             dynamo=False,
         )
     session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
-    x2 = torch.randn(batch + 1, model.config["in_chans"], h, w)
+    x2 = torch.randn(batch + 1, c, h, w)
     with torch.no_grad():
         want = model(x2).numpy()
     got = session.run(None, {"images": x2.numpy()})[0]
     diff = float(np.abs(got - want).max())
     if diff > atol:
         tmp.unlink(missing_ok=True)
-        raise RuntimeError(f"ONNX export of {model.arch.key()} differs from PyTorch by {diff:.2e} (> {atol:g})")
+        raise RuntimeError(f"ONNX export of {model_name(model)} differs from PyTorch by {diff:.2e} (> {atol:g})")
     tmp.replace(path)
     log.info("wrote %s (onnxruntime max abs diff %.1e)", path, diff)
     return diff

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vitnas.nn.functional import drop_path
+
 __all__ = ["EfficientViT", "Conv2dBN", "BNLinear", "fuse_batchnorms"]
 
 
@@ -63,12 +65,16 @@ class BNLinear(nn.Sequential):
 
 
 class Residual(nn.Module):
-    def __init__(self, m: nn.Module) -> None:
+    """x + m(x); in training the branch is dropped per sample with probability `drop` (the reference's
+    Residual(m, drop), which its builds leave at 0)."""
+
+    def __init__(self, m: nn.Module, drop: float = 0.0) -> None:
         super().__init__()
         self.m = m
+        self.drop = drop
 
     def forward(self, x: Tensor) -> Tensor:
-        return x + self.m(x)
+        return x + drop_path(self.m(x), self.drop, self.training)
 
 
 class FFN(nn.Module):
@@ -194,14 +200,22 @@ class EfficientViTBlock(nn.Module):
     """The sandwich: depthwise conv, FFN, attention, depthwise conv, FFN, each residual."""
 
     def __init__(
-        self, ed: int, kd: int, nh: int, ar: float, resolution: int, window: int, kernels: Sequence[int]
+        self,
+        ed: int,
+        kd: int,
+        nh: int,
+        ar: float,
+        resolution: int,
+        window: int,
+        kernels: Sequence[int],
+        drop: float = 0.0,
     ) -> None:
         super().__init__()
-        self.dw0 = Residual(Conv2dBN(ed, ed, 3, 1, 1, groups=ed, bn_weight_init=0.0))
-        self.ffn0 = Residual(FFN(ed, int(ed * 2)))
-        self.mixer = Residual(LocalWindowAttention(ed, kd, nh, ar, resolution, window, kernels))
-        self.dw1 = Residual(Conv2dBN(ed, ed, 3, 1, 1, groups=ed, bn_weight_init=0.0))
-        self.ffn1 = Residual(FFN(ed, int(ed * 2)))
+        self.dw0 = Residual(Conv2dBN(ed, ed, 3, 1, 1, groups=ed, bn_weight_init=0.0), drop)
+        self.ffn0 = Residual(FFN(ed, int(ed * 2)), drop)
+        self.mixer = Residual(LocalWindowAttention(ed, kd, nh, ar, resolution, window, kernels), drop)
+        self.dw1 = Residual(Conv2dBN(ed, ed, 3, 1, 1, groups=ed, bn_weight_init=0.0), drop)
+        self.ffn1 = Residual(FFN(ed, int(ed * 2)), drop)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.ffn1(self.dw1(self.mixer(self.ffn0(self.dw0(x)))))
@@ -225,7 +239,9 @@ class EfficientViT(nn.Module):
         num_heads: Sequence[int] = (4, 4, 4),
         window_size: Sequence[int] = (7, 7, 7),
         kernels: Sequence[int] = (5, 5, 5, 5),
+        drop_path_rate: float = 0.0,
     ) -> None:
+        """`drop_path_rate`: per-sample drop of every residual branch in the blocks (0 as in the paper)."""
         super().__init__()
         self.config: dict[str, Any] = dict(
             img_size=img_size,
@@ -238,6 +254,7 @@ class EfficientViT(nn.Module):
             num_heads=list(num_heads),
             window_size=list(window_size),
             kernels=list(kernels),
+            drop_path_rate=drop_path_rate,
         )
         self.num_classes = num_classes
         e0 = embed_dim[0]
@@ -255,13 +272,16 @@ class EfficientViT(nn.Module):
         for i, (ed, kd, dpth, nh, win) in enumerate(zip(embed_dim, key_dim, depth, num_heads, window_size)):
             ar = ed / (kd * nh)
             for _ in range(dpth):
-                stages[i].append(EfficientViTBlock(ed, kd, nh, ar, res, win, kernels))
+                stages[i].append(EfficientViTBlock(ed, kd, nh, ar, res, win, kernels, drop_path_rate))
             if i < len(embed_dim) - 1:  # subsample into the next stage
                 stages[i + 1] += [_subsample_side(ed), PatchMerging(ed, embed_dim[i + 1])]
                 res = (res - 1) // 2 + 1
                 stages[i + 1].append(_subsample_side(embed_dim[i + 1]))
         self.blocks1, self.blocks2, self.blocks3 = (nn.Sequential(*s) for s in stages)
         self.head = BNLinear(embed_dim[-1], num_classes) if num_classes > 0 else nn.Identity()
+
+    def no_weight_decay_keywords(self) -> set[str]:
+        return {"attention_biases"}
 
     def forward_features(self, x: Tensor) -> Tensor:
         return self.blocks3(self.blocks2(self.blocks1(self.patch_embed(x))))

@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["register_model", "create_model", "list_models"]
+__all__ = ["register_model", "create_model", "list_models", "model_input_size"]
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
@@ -35,7 +35,20 @@ def create_model(name: str, **overrides: Any) -> nn.Module:
     if name not in _REGISTRY:
         close = fnmatch.filter(_REGISTRY, f"*{name.split('_')[0]}*")[:8]
         raise ValueError(f"unknown model {name!r}; similar: {close or list_models()[:8]}")
-    return _REGISTRY[name](**overrides)
+    model = _REGISTRY[name](**overrides)
+    # How to rebuild it (checkpoints, exported folders): the registered name and the overrides.
+    model.registry_spec = {"name": name, "kwargs": dict(overrides)}
+    return model
+
+
+def model_input_size(model: nn.Module) -> tuple[int, int, int]:
+    """(channels, height, width) a model is built for: its `config` (img_size, in_chans) or `img_size`."""
+    cfg = getattr(model, "config", None) or {}
+    img = cfg.get("img_size", getattr(model, "img_size", None))
+    if img is None:
+        raise ValueError(f"{type(model).__name__} does not say its input size (no config['img_size'] or img_size)")
+    h, w = (img, img) if isinstance(img, int) else tuple(img)
+    return int(cfg.get("in_chans", 3)), int(h), int(w)
 
 
 def _load() -> None:

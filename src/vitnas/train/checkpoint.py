@@ -29,7 +29,9 @@ def describe_model(model: nn.Module) -> dict[str, Any]:
         return {"kind": "supernet", "space": model.space.to_dict(), "kwargs": model.init_kwargs}
     if isinstance(model, VisionTransformer):
         return {"kind": "vit", "config": model.config}
-    raise TypeError(f"cannot describe a {type(model).__name__} for a checkpoint")
+    if getattr(model, "registry_spec", None):  # made by vitnas.create_model
+        return {"kind": "registry", **model.registry_spec}
+    raise TypeError(f"cannot describe a {type(model).__name__} for a checkpoint (build it with vitnas.create_model)")
 
 
 def build_model(desc: dict[str, Any], *, meta_device: bool = False) -> nn.Module:
@@ -37,6 +39,10 @@ def build_model(desc: dict[str, Any], *, meta_device: bool = False) -> nn.Module
     from vitnas.space.space import SearchSpace
     from vitnas.supernet.vit import ViTSupernet
 
+    if desc.get("kind") == "registry":  # built on the CPU: such models may hold non-persistent buffers
+        from vitnas.models.registry import create_model
+
+        return create_model(desc["name"], **desc["kwargs"])
     device = torch.device("meta") if meta_device else torch.device("cpu")
     with device:
         if desc.get("kind") == "supernet":

@@ -23,6 +23,7 @@ class TrainConfig:
     task: str = "supernet"  # supernet: train a weight-sharing supernet; subnet: train one arch
     space: str = "cifar"  # search space preset name or YAML path
     arch: str | None = None  # subnet task: arch YAML (ours, or an AutoFormer config's RETRAIN section)
+    model: str | None = None  # subnet task: a registered model instead of an arch (`vitnas models` lists them)
     init_from: str | None = None  # subnet task: supernet checkpoint whose weights the subnet inherits
     sampling: str = "uniform"  # supernet task: uniform (AutoFormer, one random subnet per step) | sandwich
     sandwich_random: int = 2  # sandwich rule: random subnets per step besides the largest and smallest
@@ -81,8 +82,17 @@ class TrainConfig:
             raise ValueError(f"{source}: sampling={self.sampling!r}; expected one of {SAMPLINGS}")
         if self.amp not in AMP_MODES:
             raise ValueError(f"{source}: amp={self.amp!r}; expected one of {AMP_MODES}")
-        if self.task == "subnet" and not self.arch:
-            raise ValueError(f"{source}: task 'subnet' needs arch: the arch YAML to train")
+        if self.task == "subnet" and bool(self.arch) == bool(self.model):
+            raise ValueError(
+                f"{source}: task 'subnet' needs exactly one of arch (an arch YAML to train) or model (a registered "
+                f"model name); got arch={self.arch!r}, model={self.model!r}"
+            )
+        if self.task == "supernet" and self.model:
+            raise ValueError(f"{source}: model={self.model!r} is for retrain (task 'subnet'), not supernet training")
+        if self.model and self.init_from:
+            raise ValueError(
+                f"{source}: init_from inherits supernet weights into an arch; it does not apply to model={self.model!r}"
+            )
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> TrainConfig:

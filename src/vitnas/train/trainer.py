@@ -25,6 +25,7 @@ from torch import nn
 from vitnas.data.augment import BatchAugment, recipe
 from vitnas.data.datasets import ImageData, epoch_batches, load_data
 from vitnas.evaluation import evaluate
+from vitnas.models.registry import create_model, model_input_size
 from vitnas.space.arch import ArchConfig
 from vitnas.space.space import SearchSpace
 from vitnas.train.checkpoint import load_model, optimizer_state, read_checkpoint, read_metadata, save_checkpoint
@@ -54,6 +55,20 @@ def sample_step_archs(space: SearchSpace, cfg: TrainConfig, step: int) -> list[A
     if cfg.sampling == "uniform":
         return [space.sample(rng)]
     return [space.largest(), space.smallest()] + [space.sample(rng) for _ in range(cfg.sandwich_random)]
+
+
+def _default_img_size(name: str) -> int:
+    """The image size a registered model is built for when the config names none."""
+    with torch.device("meta"):
+        return model_input_size(create_model(name))[1]
+
+
+def _skip_weight_decay(model: nn.Module, name: str, p: torch.Tensor) -> bool:
+    """Biases, norms, position embeddings and bias tables: the model's timm-style `no_weight_decay()`
+    names and `no_weight_decay_keywords()` substrings (ViTs: pos_embed and cls_token)."""
+    names = model.no_weight_decay() if hasattr(model, "no_weight_decay") else {"pos_embed", "cls_token"}
+    keywords = model.no_weight_decay_keywords() if hasattr(model, "no_weight_decay_keywords") else set()
+    return p.ndim <= 1 or name in names or any(k in name for k in keywords)
 
 
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -123,6 +138,8 @@ class Trainer:
                 else SearchSpace.preset(cfg.space)
             )
             img = cfg.img_size or self.space.img_size
+        if cfg.model:
+            img = cfg.img_size or _default_img_size(cfg.model)
         self.data = data or load_data(
             cfg.data_path,
             img_size=img,
@@ -145,7 +162,7 @@ class Trainer:
         self.is_supernet = cfg.task == "supernet"
         decay, no_decay = [], []
         for name, p in self.model.named_parameters():
-            (no_decay if p.ndim <= 1 or name in ("pos_embed", "cls_token") else decay).append(p)
+            (no_decay if _skip_weight_decay(self.model, name, p) else decay).append(p)
         world_batch = cfg.batch_size * self.dist.world
         self.base_lr = cfg.lr * world_batch / 512
         self.optimizer = torch.optim.AdamW(
@@ -173,6 +190,8 @@ class Trainer:
         kwargs = dict(img_size=self.img_size, num_classes=self.data.num_classes, drop_path_rate=cfg.drop_path)
         if cfg.task == "supernet":
             return ViTSupernet(self.space, **kwargs)
+        if cfg.model:
+            return create_model(cfg.model, **kwargs)
         arch = ArchConfig.from_yaml(cfg.arch)
         if cfg.init_from:
             supernet, _ = load_model(cfg.init_from)
@@ -231,7 +250,7 @@ class Trainer:
             "history": self.history,
             "scaler": self.scaler.state_dict(),
         }
-        if self.cfg.task == "subnet":
+        if self.cfg.task == "subnet" and not self.cfg.model:
             meta["arch"] = self.model.arch.to_dict()
         rng = {"torch": torch.get_rng_state()}
         save_checkpoint(
@@ -244,6 +263,7 @@ class Trainer:
         "task",
         "space",
         "arch",
+        "model",
         "init_from",
         "sampling",
         "sandwich_random",
