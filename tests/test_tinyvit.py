@@ -35,3 +35,26 @@ def test_windows_pad_non_multiple_grids():
     model = vitnas.create_model("tiny_vit_5m_224", num_classes=3, img_size=256).eval()
     with torch.no_grad():
         assert model(torch.randn(1, 3, 256, 256)).shape == (1, 3)
+
+
+def test_fuse_and_in_place_inference_give_the_same_outputs():
+    """fuse() folds the BNs; without autograd, GELUs and residual adds write in place. Neither may change
+    the outputs (BN statistics randomized so the folding matters)."""
+    import copy
+
+    torch.manual_seed(0)
+    model = vitnas.create_model("tiny_vit_5m_224", num_classes=10, img_size=64).eval()
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+            m.weight.data.normal_(1, 0.1)
+            m.bias.data.normal_(0, 0.1)
+    x = torch.randn(2, 3, 64, 64)
+    want = model(x)  # autograd on: the out-of-place path
+    assert want.requires_grad
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), want, atol=1e-5, rtol=1e-5)
+        fused = copy.deepcopy(model).fuse()
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
+        torch.testing.assert_close(fused(x), want, atol=1e-4, rtol=1e-4)

@@ -1,6 +1,10 @@
 """TinyViT (Wu et al., ECCV'22): a conv stem and MBConv stage, then window-attention stages with a
 depthwise conv between attention and MLP. Module names follow the reference (microsoft/Cream,
 TinyViT/models/tiny_vit.py) so its state dicts load with strict keys.
+
+CPU speed: feature maps stay channels-last throughout (tokens (B, L, C) are viewed as NCHW maps with
+channels-last strides, so no transpose copies between the convs and the token ops), and `fuse()` folds
+every BatchNorm into its conv for inference, as EfficientViT's does.
 """
 
 from __future__ import annotations
@@ -12,16 +16,37 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vitnas.models.efficientvit import Conv2dBN, offset_index
+from vitnas.models.efficientvit import Conv2dBN, fuse_batchnorms, offset_index
 from vitnas.nn.functional import drop_path
 
 __all__ = ["TinyViT"]
 
 
+def _in_place_ok(x: Tensor) -> bool:
+    """No gradient to keep and no tracer watching: inference may overwrite temporaries."""
+    return not (torch.is_grad_enabled() and x.requires_grad) and not torch.jit.is_tracing()
+
+
+class GELU(nn.GELU):
+    """nn.GELU (exact erf form) that overwrites its input when no gradient is needed. Its callers pass
+    fresh temporaries, so inference skips allocating -- and page-faulting -- a new buffer for every large
+    activation map, which costs more than the GELU itself on the CPU."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.ops.aten.gelu_(x) if _in_place_ok(x) else F.gelu(x)
+
+
+def _residual(x: Tensor, branch: Tensor, prob: float, training: bool) -> Tensor:
+    """x + drop_path(branch), adding into the (fresh) branch tensor when nothing needs the original."""
+    if training or not _in_place_ok(branch):
+        return x + drop_path(branch, prob, training)
+    return branch.add_(x)
+
+
 class PatchEmbed(nn.Module):
     def __init__(self, in_chans: int, dim: int) -> None:
         super().__init__()
-        self.seq = nn.Sequential(Conv2dBN(in_chans, dim // 2, 3, 2, 1), nn.GELU(), Conv2dBN(dim // 2, dim, 3, 2, 1))
+        self.seq = nn.Sequential(Conv2dBN(in_chans, dim // 2, 3, 2, 1), GELU(), Conv2dBN(dim // 2, dim, 3, 2, 1))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.seq(x)
@@ -32,16 +57,27 @@ class MBConv(nn.Module):
         super().__init__()
         hidden = int(dim * expand)
         self.conv1 = Conv2dBN(dim, hidden)
-        self.act1 = nn.GELU()
+        self.act1 = GELU()
         self.conv2 = Conv2dBN(hidden, hidden, 3, 1, 1, groups=hidden)
-        self.act2 = nn.GELU()
+        self.act2 = GELU()
         self.conv3 = Conv2dBN(hidden, dim, bn_weight_init=0.0)
-        self.act3 = nn.GELU()
+        self.act3 = GELU()
         self.drop_path = drop_path_rate
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.conv3(self.act2(self.conv2(self.act1(self.conv1(x)))))
-        return self.act3(x + drop_path(y, self.drop_path, self.training))
+        return self.act3(_residual(x, y, self.drop_path, self.training))
+
+
+def _tokens_to_map(x: Tensor, resolution: tuple[int, int]) -> Tensor:
+    """Tokens (B, H*W, C) as an NCHW map with channels-last strides: a view, no copy."""
+    H, W = resolution
+    return x.view(x.shape[0], H, W, x.shape[-1]).permute(0, 3, 1, 2)
+
+
+def _map_to_tokens(x: Tensor) -> Tensor:
+    """An NCHW map as tokens (B, H*W, C); free when the map is channels-last."""
+    return x.permute(0, 2, 3, 1).reshape(x.shape[0], -1, x.shape[1])
 
 
 class PatchMerging(nn.Module):
@@ -51,16 +87,15 @@ class PatchMerging(nn.Module):
         super().__init__()
         self.resolution = resolution
         self.conv1 = Conv2dBN(dim, out_dim)
-        self.act = nn.GELU()
+        self.act = GELU()
         self.conv2 = Conv2dBN(out_dim, out_dim, 3, 2, 1, groups=out_dim)
         self.conv3 = Conv2dBN(out_dim, out_dim)
 
     def forward(self, x: Tensor) -> Tensor:
         if x.ndim == 3:
-            H, W = self.resolution
-            x = x.view(x.shape[0], H, W, -1).permute(0, 3, 1, 2)
+            x = _tokens_to_map(x, self.resolution)
         x = self.conv3(self.act(self.conv2(self.act(self.conv1(x)))))
-        return x.flatten(2).transpose(1, 2)
+        return _map_to_tokens(x)
 
 
 class Mlp(nn.Module):
@@ -69,7 +104,7 @@ class Mlp(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, dim)
-        self.act = nn.GELU()
+        self.act = GELU()
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc2(self.act(self.fc1(self.norm(x))))
@@ -135,9 +170,9 @@ class TinyViTBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         B, L, C = x.shape
         H, W = self.resolution
-        x = x + drop_path(self._windows(x), self.drop_path, self.training)
-        x = self.local_conv(x.transpose(1, 2).reshape(B, C, H, W)).view(B, C, L).transpose(1, 2)
-        return x + drop_path(self.mlp(x), self.drop_path, self.training)
+        x = _residual(x, self._windows(x), self.drop_path, self.training)
+        x = _map_to_tokens(self.local_conv(_tokens_to_map(x, (H, W))))
+        return _residual(x, self.mlp(x), self.drop_path, self.training)
 
 
 class ConvLayer(nn.Module):
@@ -234,8 +269,16 @@ class TinyViT(nn.Module):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
 
+    def no_weight_decay_keywords(self) -> set[str]:
+        return {"attention_biases"}
+
+    def fuse(self) -> TinyViT:
+        """Fold every BatchNorm into its conv, in place (for inference); returns self."""
+        fuse_batchnorms(self)
+        return self.eval()
+
     def forward_features(self, x: Tensor) -> Tensor:
-        x = self.patch_embed(x)
+        x = self.patch_embed(x.contiguous(memory_format=torch.channels_last))
         for layer in self.layers:
             x = layer(x)
         return x  # tokens (B, L, C)
