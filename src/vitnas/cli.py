@@ -199,6 +199,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     import torch
 
     from vitnas.models import create_model, list_models
+    from vitnas.models.registry import count_macs
 
     names = list_models(args.pattern)
     if not names:
@@ -209,15 +210,7 @@ def cmd_models(args: argparse.Namespace) -> int:
             model = create_model(name, num_classes=args.num_classes)
         row = [name, f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}"]
         if args.macs:
-            from torch.utils.flop_counter import FlopCounterMode
-
-            from vitnas.models.registry import model_input_size
-
-            model = create_model(name, num_classes=args.num_classes).eval()
-            counter = FlopCounterMode(display=False)
-            with counter, torch.no_grad():
-                model(torch.zeros(1, *model_input_size(model)))
-            row.append(f"{counter.get_total_flops() / 2e6:.0f}")
+            row.append(f"{count_macs(name, num_classes=args.num_classes) / 1e6:.0f}")
         rows.append(row)
     print(table(rows, ["model", "params (M)"] + (["MACs (M)"] if args.macs else [])))
     return 0
@@ -430,7 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
     md = sub.add_parser("models", help="list the registered models (for retrain --model) and their sizes")
     md.add_argument("pattern", nargs="?", default="*", help="shell-style filter, e.g. 'efficientvit*'")
     md.add_argument("--num-classes", type=int, default=1000)
-    md.add_argument("--macs", action="store_true", help="also count MACs at the default input size (slower)")
+    md.add_argument("--macs", action="store_true", help="also count MACs at the model's input size")
     md.set_defaults(func=cmd_models)
     rt = sub.add_parser(
         "retrain",

@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["register_model", "create_model", "list_models", "model_input_size"]
+__all__ = ["register_model", "create_model", "list_models", "model_input_size", "count_macs"]
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
@@ -39,6 +39,21 @@ def create_model(name: str, **overrides: Any) -> nn.Module:
     # How to rebuild it (checkpoints, exported folders): the registered name and the overrides.
     model.registry_spec = {"name": name, "kwargs": dict(overrides)}
     return model
+
+
+def count_macs(name: str, **overrides: Any) -> int:
+    """MACs of one image at the model's input size: FlopCounterMode over a forward on the meta device,
+    so nothing is computed and fused CPU attention kernels (which the counter does not see) are not
+    chosen."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        model = create_model(name, **overrides).eval()
+        counter = FlopCounterMode(display=False)
+        with counter, torch.no_grad():
+            model(torch.zeros(1, *model_input_size(model)))
+    return counter.get_total_flops() // 2
 
 
 def model_input_size(model: nn.Module) -> tuple[int, int, int]:
