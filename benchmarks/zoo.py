@@ -1,5 +1,5 @@
 """Images/s of registered models at 224px, 1 thread, batch 16 (EfficientViT's CPU protocol), eager and
-through ONNX Runtime; EfficientViT also fused. One JSON line.
+through ONNX Runtime; models with `fuse()` (EfficientViT, TinyViT) also fused. One JSON line.
 
     python benchmarks/zoo.py [--models 'efficientvit_*,deit_tiny*'] [--threads 1] [--batch 16]
 """
@@ -52,7 +52,12 @@ def onnx_rate(model: torch.nn.Module, x: torch.Tensor, reps: int, threads: int) 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--models", default="efficientvit_*,deit_tiny_patch16_224,autoformer_tiny")
+    p.add_argument(
+        "--models",
+        default="efficientvit_*,tiny_vit_*_224,deit_tiny_patch16_224,autoformer_tiny,mini_deit_tiny*,mini_deit_small*,"
+        "s3_tiny",
+        help="comma-separated shell patterns over the registry",
+    )
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--reps", type=int, default=5)

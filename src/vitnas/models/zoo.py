@@ -227,3 +227,66 @@ def tiny_vit_21m_384(**kw: Any):
 @register_model
 def tiny_vit_21m_512(**kw: Any):
     return _tinyvit("21m", windows=(16, 16, 32, 16), **{"img_size": 512, "drop_path_rate": 0.1, **kw})
+
+
+# S3 / AutoFormerV2-T/S/B (AutoFormerV2/configs/S3-{T,S,B}.yaml; the reference calls them S3-T/S/B and
+# "AutoFormerV2-T/S/B", checkpoints S3-{T,S,B}.pth): dims 96/192/384/768, heads 3/6/12/24, MLP ratio 4.
+S3 = {
+    "tiny": ((2, 2, 6, 2), (7, 7, 14, 7)),
+    "small": ((2, 2, 18, 2), (14, 14, 14, 14)),
+    "base": ((2, 2, 30, 2), (7, 7, 14, 7)),
+}
+
+
+def _s3(size: str, **kw: Any):
+    from vitnas.models.s3 import S3Transformer
+
+    depths, windows = S3[size]
+    return S3Transformer(**{**dict(depths=depths, window_sizes=windows), **kw})
+
+
+@register_model
+def s3_tiny(**kw: Any):
+    return _s3("tiny", **kw)
+
+
+@register_model
+def s3_small(**kw: Any):
+    return _s3("small", **kw)
+
+
+@register_model
+def s3_base(**kw: Any):
+    return _s3("base", **kw)
+
+
+# Mini-DeiT (MiniViT/Mini-DeiT/mini_deit_models.py): DeiT-Ti/S/B widths, 12 layers in 6 weight-multiplexed
+# pairs, talking-heads transforms, iRPE (product, ratio 1.9, on keys, skip 0), no class token.
+MINI_DEIT = {"tiny": (192, 3), "small": (384, 6), "base": (768, 12)}
+
+
+def _mini_deit(size: str, **kw: Any):
+    from vitnas.models.minivit import MINI_DEIT_IRPE, MiniDeiT
+
+    e, h = MINI_DEIT[size]
+    return MiniDeiT(**{**dict(embed_dim=e, depth=12, num_heads=h, repeats=2, irpe=MINI_DEIT_IRPE), **kw})
+
+
+@register_model
+def mini_deit_tiny_patch16_224(**kw: Any):
+    return _mini_deit("tiny", **kw)
+
+
+@register_model
+def mini_deit_small_patch16_224(**kw: Any):
+    return _mini_deit("small", **kw)
+
+
+@register_model
+def mini_deit_base_patch16_224(**kw: Any):
+    return _mini_deit("base", **kw)
+
+
+@register_model
+def mini_deit_base_patch16_384(**kw: Any):
+    return _mini_deit("base", **{"img_size": 384, **kw})
