@@ -114,3 +114,25 @@ def test_macs_where_the_published_figure_counts_differently():
     per_pair_extra = depth * heads * tokens * (tokens - buckets) * head_dim
     assert (got + per_pair_extra) / 1e6 == pytest.approx(4885, rel=0.005)
     assert got / 1e6 < 4885  # and ours is the cheaper form
+
+
+# The reference implementations' state dicts, summarized: (number of keys, sha256 of the sorted lines
+# "key (shape)" of reference_model.state_dict()), taken by running microsoft/Cream's code outside the repo
+# (EfficientViT/classification, TinyViT, MiniViT/Mini-DeiT, AutoFormerV2). Equal digests mean the same keys
+# with the same shapes, so reference checkpoints load with strict=True.
+REFERENCE_STATE_DICTS = {
+    "efficientvit_m0": (699, "b8410909f66d15a3406e17a3601ee1f377d8f2117826294b27efe5bebf753d33"),
+    "tiny_vit_5m_224": (296, "09e88aa32bcbe51de38109f37546c9a2f811a521adda4c5c9b2e500614004843"),
+    "mini_deit_tiny_patch16_224": (139, "9cf65b296aabe657698639988deaef82528acf2b2bd3132a8806ac62cb4e8ae6"),
+    "s3_tiny": (187, "420978df8c55e266744244e64aee8679a03940a6ceefc9461fe3e3c4fc3d1625"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCE_STATE_DICTS))
+def test_state_dict_keys_and_shapes_equal_the_reference(name):
+    import hashlib
+
+    with torch.device("meta"):
+        sd = vitnas.create_model(name).state_dict()
+    lines = sorted(f"{k} {tuple(v.shape)}".replace(", ", ",") for k, v in sd.items())
+    assert (len(lines), hashlib.sha256("\n".join(lines).encode()).hexdigest()) == REFERENCE_STATE_DICTS[name]
