@@ -136,3 +136,44 @@ def test_state_dict_keys_and_shapes_equal_the_reference(name):
         sd = vitnas.create_model(name).state_dict()
     lines = sorted(f"{k} {tuple(v.shape)}".replace(", ", ",") for k, v in sd.items())
     assert (len(lines), hashlib.sha256("\n".join(lines).encode()).hexdigest()) == REFERENCE_STATE_DICTS[name]
+
+
+def test_load_weights_from_reference_style_checkpoints(tmp_path):
+    """A reference-style .pth ({'model': sd, 'args': Namespace}, DDP 'module.' prefix) loads into a model
+    with another number of classes: everything but the classifier is copied, the classifier starts fresh."""
+    import argparse
+
+    from safetensors.torch import save_file
+
+    from vitnas.models import load_weights
+
+    torch.manual_seed(0)
+    src = vitnas.create_model("efficientvit_m0", num_classes=1000, img_size=64)
+    sd = {f"module.{k}": v for k, v in src.state_dict().items()}
+    torch.save({"model": sd, "args": argparse.Namespace(lr=1e-3), "epoch": 299}, tmp_path / "ref.pth")
+    dst = vitnas.create_model("efficientvit_m0", num_classes=10, img_size=64)
+    fresh_head = dst.head.l.weight.detach().clone()
+    report = load_weights(dst, tmp_path / "ref.pth")
+    assert report["skipped"] == ["head.l.weight", "head.l.bias"]
+    conv = "blocks1.0.mixer.m.attn.qkvs.0.c.weight"
+    torch.testing.assert_close(dst.state_dict()[conv], src.state_dict()[conv])
+    torch.testing.assert_close(dst.head.bn.running_var, src.head.bn.running_var)  # 1-D, same shape: loaded
+    assert torch.equal(dst.head.l.weight, fresh_head)
+
+    save_file(src.state_dict(), str(tmp_path / "w.safetensors"))
+    same = vitnas.create_model("efficientvit_m0", num_classes=1000, img_size=64)
+    assert load_weights(same, tmp_path / "w.safetensors")["skipped"] == []
+
+    with pytest.raises(ValueError, match=r"attention_bias_idxs has shape \(16, 16\), the model expects \(49, 49\)"):
+        load_weights(vitnas.create_model("efficientvit_m0", img_size=224), tmp_path / "w.safetensors")
+    with pytest.raises(ValueError, match="keys do not match EfficientViT"):
+        load_weights(vitnas.create_model("efficientvit_m1", img_size=64), tmp_path / "w.safetensors")
+    torch.save({"optimizer": {"lr": 1.0}}, tmp_path / "bad.pth")
+    with pytest.raises(ValueError, match=r"bad.pth: expected a state dict, or one under \['model'"):
+        load_weights(dst, tmp_path / "bad.pth")
+
+    import fractions
+
+    torch.save({"model": sd, "x": fractions.Fraction(1, 3)}, tmp_path / "evil.pth")  # a global nobody allowed
+    with pytest.raises(ValueError, match="weights-only loading"):
+        load_weights(dst, tmp_path / "evil.pth")

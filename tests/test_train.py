@@ -14,6 +14,7 @@ import torch
 import yaml
 from safetensors import safe_open
 
+import vitnas
 from vitnas import ArchConfig, SearchSpace
 from vitnas.cli import main as cli_main
 from vitnas.train import TrainConfig, Trainer, TrainingDiverged, load_model, read_checkpoint
@@ -324,3 +325,24 @@ def test_retrain_a_registered_model_then_evaluate_and_export(tmp_path, capsys):
 def test_retrain_model_errors(tmp_path, capsys, extra, match):
     assert cli_main(["retrain", "--out-dir", str(tmp_path), *extra]) == 2
     assert match in capsys.readouterr().err
+
+
+def test_retrain_starts_from_pretrained_weights(tmp_path):
+    torch.manual_seed(1)
+    src = vitnas.create_model("efficientvit_m0", num_classes=1000, img_size=32)
+    torch.save({"model": src.state_dict()}, tmp_path / "ref.pth")
+    cfg = TrainConfig(
+        **{**TINY, "epochs": 1},
+        task="subnet",
+        model="efficientvit_m0",
+        img_size=32,
+        pretrained=str(tmp_path / "ref.pth"),
+        out_dir=str(tmp_path / "r"),
+    )
+    model = Trainer(cfg).model
+    own = model.state_dict()
+    same = [k for k, v in src.state_dict().items() if not k.startswith("head.l.")]
+    assert all(torch.equal(own[k], src.state_dict()[k]) for k in same)
+    assert own["head.l.weight"].shape == (10, 192)
+    with pytest.raises(ValueError, match="pretrained='x.pth' initialises a retrained model"):
+        TrainConfig(pretrained="x.pth")

@@ -17,6 +17,7 @@ _LAZY = {
     "VisionTransformer": "vitnas.models",
     "create_model": "vitnas.models",
     "list_models": "vitnas.models",
+    "load_weights": "vitnas.models",
     "load_autoformer": "vitnas.compat.autoformer",
     "ViTCostModel": "vitnas.costs",
 }

@@ -2,5 +2,6 @@
 
 from vitnas.models.registry import create_model, list_models, register_model
 from vitnas.models.vit import VisionTransformer
+from vitnas.models.weights import load_weights, read_state_dict
 
-__all__ = ["VisionTransformer", "create_model", "list_models", "register_model"]
+__all__ = ["VisionTransformer", "create_model", "list_models", "register_model", "load_weights", "read_state_dict"]

@@ -24,6 +24,7 @@ class TrainConfig:
     space: str = "cifar"  # search space preset name or YAML path
     arch: str | None = None  # subnet task: arch YAML (ours, or an AutoFormer config's RETRAIN section)
     model: str | None = None  # subnet task: a registered model instead of an arch (`vitnas models` lists them)
+    pretrained: str | None = None  # subnet task: initial weights (.pth/.safetensors); another-size head starts fresh
     init_from: str | None = None  # subnet task: supernet checkpoint whose weights the subnet inherits
     sampling: str = "uniform"  # supernet task: uniform (AutoFormer, one random subnet per step) | sandwich
     sandwich_random: int = 2  # sandwich rule: random subnets per step besides the largest and smallest
@@ -89,6 +90,11 @@ class TrainConfig:
             )
         if self.task == "supernet" and self.model:
             raise ValueError(f"{source}: model={self.model!r} is for retrain (task 'subnet'), not supernet training")
+        if self.pretrained and (self.task != "subnet" or self.init_from):
+            raise ValueError(
+                f"{source}: pretrained={self.pretrained!r} initialises a retrained model or arch; it does not "
+                f"combine with supernet training or init_from"
+            )
         if self.model and self.init_from:
             raise ValueError(
                 f"{source}: init_from inherits supernet weights into an arch; it does not apply to model={self.model!r}"

@@ -158,7 +158,13 @@ class Trainer:
             norm = self.parent["norm"]
             self.aug_cfg = self.aug_cfg.override(mean=norm["mean"], std=norm["std"])
         self.augment = BatchAugment(self.aug_cfg, img, self.data.num_classes)
-        self.model = self._build_model().to(self.device)
+        self.model = self._build_model()
+        if cfg.pretrained:
+            from vitnas.models.weights import load_weights
+
+            report = load_weights(self.model, cfg.pretrained)
+            log.info("loaded %d tensors from %s", report["loaded"], cfg.pretrained)
+        self.model = self.model.to(self.device)
         self.is_supernet = cfg.task == "supernet"
         decay, no_decay = [], []
         for name, p in self.model.named_parameters():
@@ -264,6 +270,7 @@ class Trainer:
         "space",
         "arch",
         "model",
+        "pretrained",
         "init_from",
         "sampling",
         "sandwich_random",
