@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from vitnas.models.weights import load_checkpoint_safely
 from vitnas.space.space import SearchSpace
 from vitnas.supernet.vit import ViTSupernet
 
@@ -64,14 +65,7 @@ def read_autoformer_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint")
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # UnpicklingError, RuntimeError for non-zip files, ...
-        raise ValueError(
-            f"{path}: cannot be read as an AutoFormer checkpoint with weights-only loading "
-            f"(only tensors, plain Python values and argparse.Namespace are accepted): {err}"
-        ) from None
+    ckpt = load_checkpoint_safely(path)
     if isinstance(ckpt, Mapping) and "model" in ckpt:
         return dict(ckpt)
     if isinstance(ckpt, Mapping) and all(isinstance(v, torch.Tensor) for v in ckpt.values()):

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["read_state_dict", "load_weights"]
+__all__ = ["read_state_dict", "load_weights", "load_checkpoint_safely"]
 
 log = logging.getLogger(__name__)
 
@@ -45,18 +45,23 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             if "vitnas" in meta and json.loads(meta["vitnas"]).get("format", "").startswith("vitnas-checkpoint"):
                 return {n[len("model.") :]: f.get_tensor(n) for n in names if n.startswith("model.")}
             return {n: f.get_tensor(n) for n in names}
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):  # DeiT-style checkpoints keep their args
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # UnpicklingError, RuntimeError for non-zip files, ...
-        raise ValueError(
-            f"{path}: cannot be read with weights-only loading (tensors, plain Python values and "
-            f"argparse.Namespace are accepted; nothing pickled is run): {err}"
-        ) from None
-    sd = _unwrap(obj, path)
+    sd = _unwrap(load_checkpoint_safely(path), path)
     if all(k.startswith("module.") for k in sd):
         sd = {k[len("module.") :]: v for k, v in sd.items()}
     return sd
+
+
+def load_checkpoint_safely(path: str | Path) -> Any:
+    """`torch.load` with `weights_only=True`: tensors, plain Python values and argparse.Namespace (the
+    args DeiT-style training scripts save) are accepted; no pickled code runs."""
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # UnpicklingError, RuntimeError for non-zip files, ...
+        raise ValueError(
+            f"{path}: cannot be read with weights-only loading (only tensors, plain Python values and "
+            f"argparse.Namespace are accepted; nothing pickled is run): {err}"
+        ) from None
 
 
 def _unwrap(obj: Any, path: Path) -> dict[str, torch.Tensor]:
