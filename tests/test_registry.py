@@ -164,8 +164,10 @@ def test_load_weights_from_reference_style_checkpoints(tmp_path):
     same = vitnas.create_model("efficientvit_m0", num_classes=1000, img_size=64)
     assert load_weights(same, tmp_path / "w.safetensors")["skipped"] == []
 
-    with pytest.raises(ValueError, match=r"attention_bias_idxs has shape \(16, 16\), the model expects \(49, 49\)"):
-        load_weights(vitnas.create_model("efficientvit_m0", img_size=224), tmp_path / "w.safetensors")
+    wide = dict(src.state_dict())
+    wide["patch_embed.0.c.weight"] = torch.zeros(16, 3, 3, 3)
+    with pytest.raises(ValueError, match=r"patch_embed.0.c.weight has shape \(16, 3, 3, 3\), the model expects"):
+        load_weights(vitnas.create_model("efficientvit_m0", img_size=64), wide)
     with pytest.raises(ValueError, match="keys do not match EfficientViT"):
         load_weights(vitnas.create_model("efficientvit_m1", img_size=64), tmp_path / "w.safetensors")
     torch.save({"optimizer": {"lr": 1.0}}, tmp_path / "bad.pth")
@@ -177,3 +179,50 @@ def test_load_weights_from_reference_style_checkpoints(tmp_path):
     torch.save({"model": sd, "x": fractions.Fraction(1, 3)}, tmp_path / "evil.pth")  # a global nobody allowed
     with pytest.raises(ValueError, match="weights-only loading"):
         load_weights(dst, tmp_path / "evil.pth")
+
+
+@pytest.mark.parametrize(
+    "name,trained,target",
+    [
+        ("efficientvit_m0", 224, 64),  # attention_biases (heads, 7*7) -> (heads, 4*4); index buffers kept
+        ("mini_deit_tiny_patch16_224", 224, 32),  # pos_embed, no class token: 14x14 -> 2x2 grid
+        ("deit_tiny_patch16_224", 224, 64),  # pos_embed with the class token
+        ("s3_tiny", 224, 64),  # relative_position_bias_table of clipped windows, attn_mask / index buffers
+        ("tiny_vit_5m_224", 224, 64),  # windows do not depend on the image size: loads as it is
+    ],
+)
+def test_weights_trained_at_another_image_size_are_adapted(name, trained, target):
+    from vitnas.models import load_weights
+
+    torch.manual_seed(0)
+    src = vitnas.create_model(name, img_size=trained)
+    dst = vitnas.create_model(name, img_size=target, num_classes=5).eval()
+    report = load_weights(dst, src.state_dict())
+    assert all(
+        k.split(".")[-1] in ("pos_embed", "attention_biases", "relative_position_bias_table") for k in report["resized"]
+    )
+    assert (report["resized"] != []) == (name != "tiny_vit_5m_224")
+    own, theirs = dst.state_dict(), src.state_dict()
+    same = [k for k in theirs if k not in report["resized"] + report["skipped"]]
+    assert all(torch.equal(own[k], theirs[k]) for k in same)
+    with torch.no_grad():
+        assert torch.isfinite(dst(torch.randn(2, 3, target, target))).all()
+
+
+def test_resampling_a_position_table_to_its_own_size_is_the_identity():
+    from vitnas.models.weights import resize_position_table
+
+    torch.manual_seed(0)
+    table = torch.randn(13 * 13, 3)
+    grown = resize_position_table("x.relative_position_bias_table", table, torch.Size([27 * 27, 3]))
+    assert grown.shape == (27 * 27, 3)
+    pos = torch.randn(1, 1 + 14 * 14, 8)
+    back = resize_position_table("pos_embed", pos, torch.Size([1, 1 + 14 * 14, 8]))
+    torch.testing.assert_close(back, pos)  # bicubic, align_corners=False, same size: unchanged
+    assert resize_position_table("blocks.0.mlp.fc1.weight", table, torch.Size([27 * 27, 3])) is None
+    # a smaller window keeps the entries of the offsets it still has
+    small = resize_position_table("x.relative_position_bias_table", table, torch.Size([7 * 7, 3]))
+    torch.testing.assert_close(small.t().reshape(3, 7, 7), table.t().reshape(3, 13, 13)[:, 3:10, 3:10])
+    biases = torch.randn(4, 7 * 7)
+    cropped = resize_position_table("attn.attention_biases", biases, torch.Size([4, 16]))
+    torch.testing.assert_close(cropped.reshape(4, 4, 4), biases.reshape(4, 7, 7)[:, :4, :4])
