@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vitnas.models.vit import Mlp  # fc1, GELU, dropout, fc2, dropout: the reference's Mlp and keys
 from vitnas.nn.functional import drop_path
 
 __all__ = ["S3Transformer", "relative_position_index", "shift_window_mask", "window_partition_index"]
@@ -108,19 +109,6 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.norm(self.proj(x).flatten(2).transpose(1, 2))
-
-
-class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int, drop: float = 0.0) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
-        self.drop = drop
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = F.dropout(self.act(self.fc1(x)), self.drop, self.training)
-        return F.dropout(self.fc2(x), self.drop, self.training)
 
 
 class WindowAttention(nn.Module):
