@@ -312,6 +312,16 @@ def test_retrain_a_registered_model_then_evaluate_and_export(tmp_path, capsys):
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model(x), atol=0, rtol=0)
     assert (tmp_path / "exp" / "model.onnx").is_file() and not (tmp_path / "exp" / "arch.yaml").exists()
+    # the training checkpoint and the exported folder both serve as pretrained weights
+    from vitnas.models import load_weights, read_state_dict
+
+    weights = read_state_dict(out / "last.safetensors")
+    assert weights.keys() == model.state_dict().keys()
+    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
+    fresh = vitnas.create_model("efficientvit_m0", num_classes=10, img_size=32).eval()
+    assert load_weights(fresh, tmp_path / "exp")["skipped"] == []
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), model(x), atol=0, rtol=0)
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,6 @@ tables resampled, derived index / mask buffers kept.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 from collections.abc import Mapping
@@ -44,11 +43,11 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            names = list(f.keys())
-            if "vitnas" in meta and json.loads(meta["vitnas"]).get("format", "").startswith("vitnas-checkpoint"):
-                return {n[len("model.") :]: f.get_tensor(n) for n in names if n.startswith("model.")}
-            return {n: f.get_tensor(n) for n in names}
+            if "vitnas" not in (f.metadata() or {}):
+                return {n: f.get_tensor(n) for n in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+        from vitnas.train.checkpoint import read_checkpoint  # a vitnas training checkpoint: its weights
+
+        return read_checkpoint(path, only=("model",))[0]["model"]
     sd = _unwrap(load_checkpoint_safely(path), path)
     if all(k.startswith("module.") for k in sd):
         sd = {k[len("module.") :]: v for k, v in sd.items()}

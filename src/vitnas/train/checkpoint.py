@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -117,8 +118,11 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     return meta
 
 
-def read_checkpoint(path: str | Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
-    """({'model': ..., 'optim': ..., 'ema': ..., 'rng': ...} tensors, metadata)."""
+def read_checkpoint(
+    path: str | Path, only: Collection[str] | None = None
+) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
+    """({'model': ..., 'optim': ..., 'ema': ..., 'rng': ...} tensors, metadata); `only` names the groups
+    whose tensors are read (the others stay empty), e.g. ('model',) to skip the optimizer state."""
     from safetensors import safe_open
 
     meta = read_metadata(path)  # existence, format and metadata checks
@@ -127,6 +131,8 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, dict[str, torch.Tensor]
             groups: dict[str, dict[str, torch.Tensor]] = {"model": {}, "optim": {}, "ema": {}, "rng": {}}
             for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
                 group, _, rest = key.partition(".")
+                if only is not None and group not in only:
+                    continue
                 if group == "optim":
                     groups["optim"][key] = f.get_tensor(key)
                 else:
@@ -144,7 +150,7 @@ def optimizer_state(groups: dict[str, dict[str, torch.Tensor]], meta: dict[str, 
 
 def load_model(path: str | Path, *, use_ema: bool = False) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the model stored in a checkpoint (supernet or plain ViT), in eval mode."""
-    groups, meta = read_checkpoint(path)
+    groups, meta = read_checkpoint(path, only=("ema",) if use_ema else ("model",))
     model = build_model(meta["model"], meta_device=True)
     if use_ema and not groups["ema"]:
         raise ValueError(f"{path}: holds no EMA weights (trained with ema_decay 0)")
