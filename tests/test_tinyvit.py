@@ -2,9 +2,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 import vitnas
+from vitnas.models.registry import count_macs
 
 # Parameters and MACs of the reference implementation at 1000 classes (published: 5.4M/1.3G, 11M/2.0G, 21M/4.3G).
 REFERENCE = {
@@ -22,12 +22,8 @@ def test_parameters_and_macs(name):
     with torch.device("meta"):
         meta_model = vitnas.create_model(name)
     assert sum(p.numel() for p in meta_model.parameters()) == params
-    if macs is not None and name != "tiny_vit_21m_224":  # 21m: same code path, 4 GMACs is slow on 2 cores
-        model = vitnas.create_model(name).eval()
-        counter = FlopCounterMode(display=False)
-        with counter, torch.no_grad():
-            model(torch.randn(1, 3, 224, 224))
-        assert counter.get_total_flops() / 2 == pytest.approx(macs, rel=1e-6)
+    if macs is not None:
+        assert count_macs(name) == pytest.approx(macs, rel=1e-6)
 
 
 def test_windows_pad_non_multiple_grids():
