@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
+from _timing import median_seconds
 from vitnas.models.vit import VisionTransformer
 from vitnas.nn import irpe as irpe_mod
 
@@ -28,16 +27,6 @@ def naive_forward(self, x, grid=None, head_dim=None):
     table = self.lookup_table_weight[:, : head_dim or self.head_dim]  # (Hn, d, nb)
     emb = table[:, :, ids].permute(0, 2, 3, 1)  # (Hn, L, L, d)
     return torch.einsum("bhid,hijd->bhij", x, emb.expand(x.shape[1], -1, -1, -1))
-
-
-def timed(fn, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -84,8 +73,8 @@ def main() -> None:
     }
     for name, forward in (("bucketed", efficient_forward), ("naive", naive_forward)):
         irpe_mod.IRPE.forward = forward
-        out[f"irpe_term_fwd_bwd_ms_{name}"] = round(1e3 * timed(op_step, args.reps), 1)
-        out[f"deit_ti_step_s_{name}"] = round(timed(model_step, args.reps), 3)
+        out[f"irpe_term_fwd_bwd_ms_{name}"] = round(1e3 * median_seconds(op_step, args.reps), 1)
+        out[f"deit_ti_step_s_{name}"] = round(median_seconds(model_step, args.reps), 3)
     irpe_mod.IRPE.forward = efficient_forward
     out["irpe_term_speedup"] = round(out["irpe_term_fwd_bwd_ms_naive"] / out["irpe_term_fwd_bwd_ms_bucketed"], 2)
     out["deit_ti_step_speedup"] = round(out["deit_ti_step_s_naive"] / out["deit_ti_step_s_bucketed"], 2)

@@ -13,26 +13,19 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from _timing import median_seconds
 from vitnas import SearchSpace, ViTSupernet
 
 
 def matmul_gflops(n: int = 2048, reps: int = 10) -> float:
     a, b = torch.randn(n, n), torch.randn(n, n)
-    for _ in range(3):
-        a @ b
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - t)
-    return 2 * n**3 / statistics.median(times) / 1e9
+    return 2 * n**3 / median_seconds(lambda: a @ b, reps, warmup=3) / 1e9
 
 
 def train_rate(space: SearchSpace, img: int, batch: int, classes: int, steps: int, warmup: int) -> dict:
@@ -70,14 +63,7 @@ def infer_rate(space: SearchSpace, img: int, batch: int, classes: int, reps: int
     x = torch.randn(batch, 3, img, img)
     out = {"gmacs_per_image": round(net.num_macs(arch) / 1e9, 3)}
     for name, model in (("supernet", net), ("extracted", sub)):
-        for _ in range(2):
-            model(x)
-        times = []
-        for _ in range(reps):
-            t = time.perf_counter()
-            model(x)
-            times.append(time.perf_counter() - t)
-        out[f"{name}_images_per_s"] = round(batch / statistics.median(times), 2)
+        out[f"{name}_images_per_s"] = round(batch / median_seconds(lambda m=model: m(x), reps, warmup=2), 2)
     return out
 
 

@@ -10,9 +10,7 @@ import argparse
 import copy
 import fnmatch
 import json
-import statistics
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
@@ -20,16 +18,11 @@ import numpy as np
 import torch
 
 import vitnas
+from _timing import median_seconds
 
 
 def rate(fn, batch: int, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return round(batch / statistics.median(times), 1)
+    return round(batch / median_seconds(fn, reps), 1)
 
 
 def onnx_rate(model: torch.nn.Module, x: torch.Tensor, reps: int, threads: int) -> float:
