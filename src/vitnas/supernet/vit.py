@@ -283,21 +283,16 @@ class ViTSupernet(nn.Module):
         self.max_embed_dim = E = space.max_embed_dim
         self.max_depth = space.max_depth
         self.max_hidden = int(E * space.max_mlp_ratio)
-        # Everything a static subnet needs besides its arch (passed on by `extract`).
-        self.model_kwargs: dict[str, Any] = dict(
-            img_size=list(self.img_size),
-            patch_size=patch_size,
-            in_chans=in_chans,
-            num_classes=num_classes,
-            head_dim=space.head_dim,
-            qkv_bias=qkv_bias,
-            rel_pos=rel_pos,
-            rel_pos_max=rel_pos_max,
-            abs_pos=abs_pos,
-            global_pool=global_pool,
-            norm_eps=norm_eps,
-            irpe=dict(irpe) if irpe else None,
-        )
+        # Everything a static subnet needs besides its arch (passed on by `extract`): the constructor
+        # arguments a VisionTransformer shares, with the space's defaults filled in.
+        shared = ("in_chans", "num_classes", "qkv_bias", "rel_pos", "abs_pos", "global_pool", "norm_eps", "irpe")
+        self.model_kwargs: dict[str, Any] = {
+            **{k: self.init_kwargs[k] for k in shared},
+            "img_size": list(self.img_size),
+            "patch_size": patch_size,
+            "head_dim": space.head_dim,
+            "rel_pos_max": rel_pos_max,
+        }
         self.drop_path_rates = [drop_path_rate * i / max(self.max_depth - 1, 1) for i in range(self.max_depth)]
         num_patches = self.grid[0] * self.grid[1]
         self.patch_sizes = space.patch_sizes
