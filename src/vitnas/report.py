@@ -7,6 +7,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from vitnas._io import atomic_path
+
 __all__ = ["plot_candidates", "plot_progress", "table"]
 
 UNITS = {"params": "parameters", "macs": "MACs", "latency_ms": "latency"}
@@ -20,6 +22,15 @@ def _scale(cost: str, values: Sequence[float]) -> tuple[float, str]:
         if top * factor >= 1:
             return factor, f"{UNITS[cost]} ({unit})"
     return 1.0, UNITS[cost]
+
+
+def _save(plt: Any, fig: Any, path: str | Path) -> Path:
+    """Write the figure as PNG atomically (a plot is never left half-written) and free it."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
 
 
 def _plt():
@@ -76,10 +87,7 @@ def plot_candidates(
     fig.colorbar(sc, ax=axes[0].tolist(), label="generation", shrink=0.8)
     if title:
         fig.suptitle(title)
-    path = Path(path)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_progress(curves: Mapping[str, Sequence[float]], path: str | Path, *, title: str = "") -> Path:
@@ -94,10 +102,7 @@ def plot_progress(curves: Mapping[str, Sequence[float]], path: str | Path, *, ti
     ax.legend()
     if title:
         ax.set_title(title)
-    path = Path(path)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
