@@ -49,7 +49,7 @@ def main() -> None:
     supernet, meta = load_model(args.checkpoint)
     cfg = meta["config"]
     data = load_data(cfg["data_path"], img_size=meta["img_size"], val_per_class=cfg["val_per_class"], seed=cfg["seed"])
-    norm = AugmentConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["norm"].items()})
+    norm = AugmentConfig.from_dict(meta["norm"])
     space = supernet.space
     lo, hi = supernet.num_params(space.smallest()), supernet.num_params(space.largest())
     params_max = args.params_max or (lo + hi) / 2

@@ -72,15 +72,13 @@ def main() -> None:
     )
     pipeline_ips = data_rate(data, base)
     # Probe the step rate, then size the run to the budget.
-    probe = Trainer(base, data=data)
-    probe.total_steps = 15
-    t = time.perf_counter()
+    probe = Trainer(TrainConfig(**{**base.to_dict(), "max_steps": 15}), data=data)
     probe.model.train()
-    for step, (images, labels) in enumerate(data.train.batches(probe._epoch_batches(0)[:15])):
-        x, y = probe.augment(images, labels)
-        probe.optimizer.zero_grad()
-        probe._optimizer_step(probe._forward_loss(x, y, step))
-        if step == 2:
+    batches = probe.epoch_batches(0)[:15]
+    t = time.perf_counter()
+    for index, (images, labels) in zip(batches, data.train.batches(batches), strict=True):
+        probe.train_step(images, labels, index)
+        if probe.step == 3:
             t = time.perf_counter()
     step_s = (time.perf_counter() - t) / 12
     per_epoch = probe.steps_per_epoch * step_s + 20  # + validation
@@ -93,7 +91,7 @@ def main() -> None:
     t = time.perf_counter()
     trainer.fit()
     train_s = time.perf_counter() - t
-    space = trainer.space
+    space = trainer.task.space
     result = {
         "benchmark": "train_cifar",
         "threads": args.threads,

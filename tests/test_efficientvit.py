@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import vitnas
-from vitnas.models.registry import count_macs
+from vitnas.costs.macs import count_macs
 
 # Parameter counts of the reference implementation (224px, 1000 classes; published 2.3/3.0/4.2/6.9/8.8/12.4M)
 # and its published FLOPs (multiply-accumulates, millions).

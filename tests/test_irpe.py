@@ -216,3 +216,20 @@ def test_bucket_ids_of_every_method_match_the_reference(method, ratio, part, tot
     ids = irpe_bucket_ids(IRPEConfig(method=method, ratio=ratio), (14, 14), part=part)
     w = torch.arange(197 * 197).view(197, 197) % 9973
     assert int(ids.sum()) == total and int((ids * w).sum()) == weighted
+
+
+def test_latency_table_blocks_carry_irpe(tmp_path):
+    """The latency table builds its blocks from the models' ViTConfig, so iRPE is timed (and keyed) too."""
+    from vitnas import SearchSpace, ViTSupernet
+    from vitnas.costs.latency import LatencyTable
+    from vitnas.models.vit import build_block
+
+    space = SearchSpace.preset("digits")
+    net = ViTSupernet(space, num_classes=10, irpe={"on": "k"})
+    block = build_block(net.vit_config, 32, 2, 64)
+    assert hasattr(block.attn, "rpe_k")
+    assert net.extract(space.smallest()).blocks[0].attn.rpe_k is not None
+    table = LatencyTable.build(space, net.vit_config, cache_dir=tmp_path, reps=1, warmup=0)
+    assert table.meta["model"]["irpe"] == {"on": "k"}
+    assert LatencyTable.build(space, net.model_kwargs, cache_dir=tmp_path).entries == table.entries  # same key
+    assert len(list(tmp_path.iterdir())) == 1

@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 
 import vitnas
+from vitnas.costs.macs import count_macs
 from vitnas.models.minivit import MiniDeiT, mix_heads
-from vitnas.models.registry import count_macs
 from vitnas.nn.functional import attention
 
 # The reference (MiniViT/Mini-DeiT, run with random weights): parameters and MACs at 1000 classes, its

@@ -68,8 +68,29 @@ def test_pipeline_end_to_end(tmp_path, capsys, monkeypatch):
     model = load_subnet(run / "export")
     assert model.num_classes == 10
     # A rerun continues: training and search are complete, nothing is recomputed.
+    from vitnas.search.evaluator import SupernetEvaluator
+    from vitnas.train import Trainer
+
+    calls = {"evaluate": 0, "fit": 0}
+
+    def count(name):
+        def inner(*args, **kwargs):
+            calls[name] += 1
+            raise AssertionError(f"{name} ran again on a finished run")
+
+        return inner
+
+    monkeypatch.setattr(SupernetEvaluator, "__call__", count("evaluate"))
+    monkeypatch.setattr(Trainer, "fit", count("fit"))
+    ckpts = ["supernet/last.safetensors", "finetune/last.safetensors"]  # not even rewritten
+    before = {f: (run / f).stat().st_mtime_ns for f in ckpts}
+    lines = (run / "search/evolution/candidates.jsonl").read_text()
     again = run_pipeline(PipelineConfig.from_yaml(path))
+    assert calls == {"evaluate": 0, "fit": 0}
+    assert {f: (run / f).stat().st_mtime_ns for f in ckpts} == before
+    assert (run / "search/evolution/candidates.jsonl").read_text() == lines
     assert again["best"]["arch"] == summary["best"]["arch"]
+    assert again["strategies"] == summary["strategies"]
 
 
 def test_pipeline_config_errors(tmp_path):
@@ -84,7 +105,7 @@ def test_pipeline_config_errors(tmp_path):
         run_pipeline(cfg)
 
 
-def test_latency_table_predicts_and_caches(tmp_path):
+def test_latency_table_predicts_and_caches(tmp_path, monkeypatch):
     space = SearchSpace.preset("digits")
     net = ViTSupernet(space, num_classes=10)
     table = LatencyTable.build(space, net.model_kwargs, cache_dir=tmp_path, reps=3, warmup=1)
@@ -95,5 +116,10 @@ def test_latency_table_predicts_and_caches(tmp_path):
     assert table.predict(space.largest()) > table.predict(space.smallest())
     again = LatencyTable.build(space, net.model_kwargs, cache_dir=tmp_path)
     assert again.entries == table.entries  # read from the cache, not measured again
-    report = table.error_report(net, [space.sample(rng) for _ in range(3)], reps=3)
-    assert report["n"] == 3 and report["mean_abs_rel_error"] >= 0
+    archs = [space.sample(rng) for _ in range(3)]
+    monkeypatch.setattr("vitnas.costs.latency.measure_latency", lambda model, x, reps=10: 0.5)  # "measured"
+    report = table.error_report(net, archs, reps=3)
+    errors = [abs(table.predict(a) - 0.5) / 0.5 for a in archs]
+    assert report["n"] == 3
+    assert report["mean_abs_rel_error"] == pytest.approx(sum(errors) / 3)
+    assert report["max_abs_rel_error"] == pytest.approx(max(errors))

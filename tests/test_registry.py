@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import vitnas
-from vitnas.models.registry import count_macs
+from vitnas.costs.macs import count_macs
 
 PARAMS = {
     "deit_tiny_patch16_224": 5_717_416,

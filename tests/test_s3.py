@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import vitnas
-from vitnas.models.registry import count_macs
+from vitnas.costs.macs import count_macs
 from vitnas.models.s3 import PatchMerging, S3Transformer, SwinTransformerBlock
 
 # The reference's parameters and MACs (FlopCounterMode / 2) at 224 px and 1000 classes; published 28.33M /

@@ -101,7 +101,7 @@ def test_size_extremes_and_validation():
     bad = ArchConfig(200, 12, (3.5,) * 12, (3,) * 11 + (5,))
     assert not space.contains(bad) and bad not in space
     with pytest.raises(ValueError, match=r"embed_dim=200 is not one of the allowed choices \[192, 216, 240\]"):
-        space.validate(bad)
+        space.check_arch(bad)
     problems = space.violations(bad)
     assert any("num_heads[11]=5" in p and "[3, 4]" in p for p in problems)
     with pytest.raises(ValueError, match="max_embed_dim=100 is smaller"):

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -209,3 +211,36 @@ def test_extraction_at_full_resolution_for_twenty_archs(name):
     for arch in [space.sample(rng) for _ in range(20)]:
         with torch.no_grad(), net.active(arch):
             torch.testing.assert_close(net.extract(arch)(x), net(x), atol=1e-5, rtol=0)
+
+
+def test_one_vit_config_for_model_supernet_and_costs():
+    """`ViTConfig` is the one statement of a ViT's geometry: the static model, the supernet (with the
+    space's defaults filled in) and the cost model all read it, and the JSON forms keep their old shapes."""
+    from vitnas.costs import ViTCostModel
+    from vitnas.models.config import ViTConfig
+
+    space = SearchSpace.preset("cifar")
+    net = ViTSupernet(space, num_classes=10, drop_path_rate=0.1, irpe={"on": "k"})
+    cfg = net.vit_config
+    assert cfg == ViTConfig.from_space(space, num_classes=10, drop_path_rate=0.1, irpe={"on": "k"})
+    assert (cfg.img_size, cfg.patch_size, cfg.head_dim, cfg.rel_pos_max) == (
+        (space.img_size,) * 2,
+        space.patch_size,
+        space.head_dim,
+        space.rel_pos_max,
+    )
+    assert net.costs == ViTCostModel.from_config(cfg)
+    assert net.init_kwargs["img_size"] is None and net.init_kwargs["rel_pos_max"] is None  # the space's
+    again = ViTSupernet(space, **net.init_kwargs)
+    assert again.vit_config == cfg and again.init_kwargs == net.init_kwargs
+    assert VisionTransformer(**net.model_kwargs).vit_config == cfg.replace(drop_path_rate=(0.0,) * 12)
+    arch = space.smallest()
+    sub = net.extract(arch)
+    direct = VisionTransformer(arch, sub.vit_config)
+    assert direct.config == sub.config == VisionTransformer(**sub.config).config
+    assert json.loads(json.dumps(sub.config)) == sub.config
+    assert sub.config["drop_path_rate"] == net.drop_path_rates[: arch.depth]
+    with pytest.raises(TypeError, match="head_dim"):
+        ViTSupernet(space, head_dim=32)
+    with pytest.raises(ValueError, match="global_pool"):
+        ViTConfig(global_pool="max")

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import vitnas
-from vitnas.models.registry import count_macs
+from vitnas.costs.macs import count_macs
 
 # Parameters and MACs of the reference implementation at 1000 classes (published: 5.4M/1.3G, 11M/2.0G, 21M/4.3G).
 REFERENCE = {

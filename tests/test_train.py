@@ -18,7 +18,8 @@ import vitnas
 from vitnas import ArchConfig, SearchSpace
 from vitnas.cli import main as cli_main
 from vitnas.train import TrainConfig, Trainer, TrainingDiverged, load_model, read_checkpoint
-from vitnas.train.trainer import lr_at, sample_step_archs
+from vitnas.train.tasks import sample_step_archs
+from vitnas.train.trainer import lr_at
 
 TINY = dict(
     space="cifar",
@@ -94,10 +95,9 @@ from safetensors.torch import save_file
 from vitnas.train import Trainer, TrainConfig
 out = sys.argv[1]
 cfg = TrainConfig(space="cifar", recipe="digits", batch_size=16, val_per_class=20, epochs=1, lr=4e-3,
-                  ckpt_every=1000, log_every=1, threads=1, out_dir=out, sampling="{sampling}")
+                  ckpt_every=1000, log_every=1, threads=1, out_dir=out, sampling="{sampling}", max_steps=6)
 archs = []
-trainer = Trainer(cfg, progress=lambda info: archs.append([a.key() for a in trainer.last_archs]))
-trainer.total_steps = 6
+trainer = Trainer(cfg, progress=lambda info: archs.append([a.key() for a in info.archs]))
 trainer.fit()
 rank = trainer.dist.rank
 json.dump(archs, open(f"{{out}}/archs{{rank}}.json", "w"))
@@ -157,13 +157,15 @@ def test_config_errors(tmp_path, capsys):
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     cfg = TrainConfig(**{**TINY, "epochs": 1}, out_dir=str(tmp_path))
     trainer = Trainer(cfg)
-    original = trainer._forward_loss
+    original = trainer.task.loss
 
-    def poisoned(x, targets, step):
-        loss = original(x, targets, step)
-        return loss * float("nan") if step == 9 else loss
+    def poisoned(batch):
+        result = original(batch)
+        if batch.step == 9:
+            result.loss = result.loss * float("nan")
+        return result
 
-    monkeypatch.setattr(trainer, "_forward_loss", poisoned)
+    monkeypatch.setattr(trainer.task, "loss", poisoned)
     before = None
     with pytest.raises(TrainingDiverged, match=r"loss became nan at step 9 .*last good checkpoint is"):
         trainer.fit()
@@ -186,14 +188,13 @@ def test_sandwich_rule_archs_and_lr_schedule():
 
 
 def test_retrain_inherits_supernet_weights(tmp_path):
-    sup = Trainer(TrainConfig(**{**TINY, "epochs": 1}, out_dir=str(tmp_path / "sup")))
-    sup.total_steps = 3
+    sup = Trainer(TrainConfig(**{**TINY, "epochs": 1, "max_steps": 3}, out_dir=str(tmp_path / "sup")))
     sup.fit()
     arch = ArchConfig(128, 5, (3.0,) * 5, (3,) * 5)
     arch.to_yaml(tmp_path / "arch.yaml")
     sub = Trainer(
         TrainConfig(
-            **{**TINY, "epochs": 1},
+            **{**TINY, "epochs": 1, "max_steps": 2},
             task="subnet",
             arch=str(tmp_path / "arch.yaml"),
             init_from=str(tmp_path / "sup" / "last.safetensors"),
@@ -207,7 +208,6 @@ def test_retrain_inherits_supernet_weights(tmp_path):
     sub.model.eval()
     with torch.no_grad():
         torch.testing.assert_close(sub.model(x), want, atol=1e-5, rtol=0)
-    sub.total_steps = 2
     result = sub.fit()
     model, meta = load_model(result["checkpoint"])
     assert meta["arch"] == arch.to_dict() and model.arch == arch
@@ -249,20 +249,18 @@ def test_cli_retrain_and_evaluate(tmp_path, capsys):
 
 
 def test_runs_never_overwrite_and_resume_checks_settings(tmp_path):
-    cfg = TrainConfig(**{**TINY, "epochs": 1}, out_dir=str(tmp_path))
+    cfg = TrainConfig(**{**TINY, "epochs": 1, "max_steps": 2}, out_dir=str(tmp_path))
     first = Trainer(cfg)
-    first.total_steps = 2
     first.fit()
     with pytest.raises(ValueError, match="last.safetensors exists: pass --resume"):
         Trainer(cfg).fit()
-    changed = TrainConfig(**{**TINY, "epochs": 1, "lr": 1e-3}, out_dir=str(tmp_path))
+    changed = TrainConfig(**{**TINY, "epochs": 1, "max_steps": 2, "lr": 1e-3}, out_dir=str(tmp_path))
     with pytest.raises(ValueError, match=r"written by a run with lr=0.004; this run has lr=0.001"):
         Trainer(changed, resume=True).fit()
 
 
 def test_fine_tune_must_share_the_supernet_split(tmp_path):
-    sup = Trainer(TrainConfig(**{**TINY, "epochs": 1}, out_dir=str(tmp_path / "sup")))
-    sup.total_steps = 1
+    sup = Trainer(TrainConfig(**{**TINY, "epochs": 1, "max_steps": 1}, out_dir=str(tmp_path / "sup")))
     sup.fit()
     ArchConfig(96, 4, (2.0,) * 4, (2,) * 4).to_yaml(tmp_path / "a.yaml")
     cfg = TrainConfig(

@@ -81,32 +81,24 @@ def _run_pipeline(cfg, fresh: bool) -> int:
 
     bars: dict[str, tqdm] = {}
 
-    def progress(stage: str, done: int, total: int) -> None:
+    def progress(stage: str, done: int, total: int, info: dict) -> None:
+        """One bar per stage, named by the stage itself (steps for training, archs for search)."""
         bar = bars.get(stage)
         if bar is None:
-            bar = bars[stage] = tqdm(total=total, desc=stage, unit="arch", dynamic_ncols=True, disable=None)
+            unit = "arch" if stage.startswith("search") else "step"
+            bar = bars[stage] = tqdm(
+                total=total, initial=done - 1, desc=stage, unit=unit, dynamic_ncols=True, disable=None
+            )
         bar.update(done - bar.n)
+        if info and (done % 10 == 0 or done >= total):
+            bar.set_postfix(epoch=info["epoch"], loss=f"{info['loss']:.3f}")
         if done >= total:
             bar.close()
 
-    def train_progress(info) -> None:
-        bar = bars.get(f"train{info.total}")
-        if bar is None:
-            name = "train supernet" if not any(k.startswith("train") for k in bars) else "fine-tune"
-            bar = bars[f"train{info.total}"] = tqdm(
-                total=info.total, initial=info.step - 1, desc=name, unit="step", dynamic_ncols=True, disable=None
-            )
-        bar.update(info.step - bar.n)
-        if info.step % 10 == 0:
-            bar.set_postfix(epoch=info.epoch, loss=f"{info.loss:.3f}")
-        if info.step >= info.total:
-            bar.close()
-
     t0 = time.perf_counter()
-    s = run_pipeline(cfg, progress=progress, train_progress=train_progress, resume=not fresh)
+    s = run_pipeline(cfg, progress=progress, resume=not fresh)
     for bar in bars.values():
-        if isinstance(bar, tqdm):
-            bar.close()
+        bar.close()
     b = s["best"]
     print()
     print(s["data"])
@@ -178,7 +170,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from vitnas.export import export_subnet, model_name
-    from vitnas.train import load_model
+    from vitnas.models.spec import load_model
 
     model, meta = load_model(args.checkpoint)
     kind = meta["model"]["kind"]
@@ -198,8 +190,8 @@ def cmd_models(args: argparse.Namespace) -> int:
     """Registered models with their parameter counts (and MACs with --macs, which runs each model once)."""
     import torch
 
+    from vitnas.costs.macs import count_macs
     from vitnas.models import create_model, list_models
-    from vitnas.models.registry import count_macs
 
     names = list_models(args.pattern)
     if not names:
@@ -219,18 +211,15 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_costs(args: argparse.Namespace) -> int:
     """Parameters and MACs of an arch YAML (ours or AutoFormer's RETRAIN section)."""
     from vitnas.costs import ViTCostModel
+    from vitnas.models.config import ViTConfig
 
     space = _space_from_args(args)
     arch = ArchConfig.from_yaml(args.arch)
     problems = space.capacity_violations(arch)
     if problems:
         print(f"warning: {args.arch}: {problems[0]}", file=sys.stderr)
-    costs = ViTCostModel(
-        img_size=args.img_size or space.img_size,
-        patch_size=space.patch_size,
-        num_classes=args.num_classes,
-        head_dim=space.head_dim,
-        rel_pos_max=space.rel_pos_max,
+    costs = ViTCostModel.from_config(
+        ViTConfig.from_space(space, img_size=args.img_size or None, num_classes=args.num_classes)
     )
     print(f"{arch.key()}: {costs.params(arch):,} parameters, {costs.macs(arch) / 1e9:.3f} GMACs")
     return 0
@@ -334,22 +323,14 @@ def cmd_retrain(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from vitnas.data import AugmentConfig, load_data
+    from vitnas.data import AugmentConfig, load_data_of
     from vitnas.evaluation import evaluate
     from vitnas.export import model_name
-    from vitnas.train import load_model
+    from vitnas.models.spec import load_model
 
     model, meta = load_model(args.checkpoint, use_ema=args.ema)
-    cfg = meta["config"]
-    data = load_data(
-        args.data_path or cfg["data_path"],
-        img_size=meta["img_size"],
-        val_per_class=cfg["val_per_class"],
-        seed=cfg["seed"],
-    )
-    if data.classes != meta["classes"]:
-        raise ValueError(f"{args.checkpoint}: trained on classes {meta['classes']}, the data has {data.classes}")
-    norm = AugmentConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["norm"].items()})
+    data = load_data_of(meta, data_path=args.data_path, source=str(args.checkpoint))
+    norm = AugmentConfig.from_dict(meta["norm"])
     split = getattr(data, args.split)
     if meta["model"]["kind"] == "supernet":
         archs = (

@@ -1,8 +1,9 @@
 """Export a subnet as a standalone folder: `model.safetensors`, `arch.yaml`, `config.json` (+ ONNX).
 
-Registry models (`vitnas.create_model`) export the same way, their config naming the registered model
-and its arguments instead of an arch. `load_subnet(folder)` rebuilds the model with no supernet code;
-the ONNX file is checked against onnxruntime when written.
+`config.json` holds the model spec (`vitnas.models.spec`) under "spec", beside what the caller adds
+(classes, normalization, search results). Registry models (`vitnas.create_model`) export the same way,
+with no arch.yaml. `load_subnet(folder)` rebuilds the model with no supernet code, from today's folders
+and from those written before the spec existed; the ONNX file is checked against onnxruntime.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import torch
 from torch import nn
 
 from vitnas._io import atomic_save_safetensors, atomic_write_text
-from vitnas.models.registry import create_model, model_input_size
+from vitnas.costs.macs import model_input_size
+from vitnas.models.spec import build, export_spec, spec_of
 from vitnas.models.vit import VisionTransformer
 
 __all__ = ["export_subnet", "load_subnet", "export_onnx"]
@@ -42,18 +44,15 @@ def export_subnet(
     onnx_atol: float = 1e-4,
 ) -> Path:
     """Write a ViT subnet, or a model made by `vitnas.create_model`, as a folder `load_subnet` reads."""
-    if isinstance(model, VisionTransformer):
-        config = {"model": "VisionTransformer", "config": model.config}
-    elif getattr(model, "registry_spec", None):
-        config = {"model": "registry", **model.registry_spec}
-    else:
-        raise TypeError(f"cannot export a {type(model).__name__}: build it with vitnas.create_model")
+    spec = spec_of(model)
+    if spec["kind"] == "supernet":
+        raise TypeError("cannot export a supernet: extract a subnet first (supernet.extract(arch))")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     atomic_save_safetensors(model.state_dict(), folder / "model.safetensors", metadata={"format": "vitnas-vit-1"})
     if isinstance(model, VisionTransformer):
         model.arch.to_yaml(folder / "arch.yaml")
-    atomic_write_text(folder / "config.json", json.dumps({**config, **(extra or {})}, indent=1))
+    atomic_write_text(folder / "config.json", json.dumps({"spec": spec, **(extra or {})}, indent=1))
     if onnx:
         export_onnx(model, folder / "model.onnx", atol=onnx_atol)
     log.info("exported %s to %s", model_name(model), folder)
@@ -68,16 +67,8 @@ def load_subnet(folder: str | Path) -> nn.Module:
     cfg_path = folder / "config.json"
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{cfg_path}: missing (not an exported vitnas subnet folder)")
-    cfg = json.loads(cfg_path.read_text())
-    if cfg.get("model") == "VisionTransformer" and "config" in cfg:
-        with torch.device("meta"):
-            model = VisionTransformer(**cfg["config"])
-    elif cfg.get("model") == "registry" and "name" in cfg:
-        model = create_model(cfg["name"], **cfg.get("kwargs", {}))
-    else:
-        raise ValueError(
-            f"{cfg_path}: expected 'model' = 'VisionTransformer' with 'config', or 'model' = 'registry' with 'name'"
-        )
+    spec = export_spec(json.loads(cfg_path.read_text()), source=str(cfg_path))
+    model = build(spec, meta_device=True, source=str(cfg_path))
     try:
         model.load_state_dict(load_file(folder / "model.safetensors"), strict=True, assign=True)
     except (RuntimeError, FileNotFoundError) as err:

@@ -93,6 +93,95 @@ def _arg(args: Any, name: str, default: Any) -> Any:
     return getattr(args, name, default) if args is not None else default
 
 
+def _namespace(ckpt: Mapping[str, Any]) -> argparse.Namespace | None:
+    """The training script's `args`, or None when the checkpoint has none (or something else)."""
+    args = ckpt.get("args")
+    return args if isinstance(args, argparse.Namespace) else None
+
+
+def _need(state: Mapping[str, torch.Tensor], path: Path, key: str) -> torch.Tensor:
+    if key not in state:
+        raise ValueError(f"{path}: missing key {key!r} in the model state dict")
+    return state[key]
+
+
+def _read_shapes(state: Mapping[str, torch.Tensor], space: SearchSpace, path: Path) -> dict[str, Any]:
+    """The supernet's dimensions, from its tensor shapes (the head dim from the relative-position
+    tables, or the space's without them)."""
+    embed = _need(state, path, "cls_token").shape[-1]
+    depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
+    heads_x3, _ = _need(state, path, "blocks.0.attn.qkv.weight").shape
+    fc1_rows = _need(state, path, "blocks.0.mlp.fc1.weight").shape[0]
+    patch_weight = _need(state, path, "patch_embed.proj.weight")
+    rel = "blocks.0.attn.rel_pos_k.table_v" in state
+    head_dim = state["blocks.0.attn.rel_pos_k.table_v"].shape[1] if rel else space.head_dim
+    if heads_x3 % (3 * head_dim):
+        raise ValueError(f"{path}: qkv has {heads_x3} rows, not a multiple of 3 x head_dim {head_dim}")
+    return {
+        "embed": embed,
+        "depth": depth,
+        "max_num_heads": heads_x3 // (3 * head_dim),
+        "max_mlp_ratio": fc1_rows / embed,
+        "head_dim": head_dim,
+        "patch": patch_weight.shape[-1],
+        "in_chans": patch_weight.shape[1],
+        "rel": rel,
+        "abs_pos": "pos_embed" in state,
+    }
+
+
+def _check_capacity(shapes: Mapping[str, Any], space: SearchSpace, path: Path) -> None:
+    """The space's capacity must be the checkpoint's."""
+    found = {
+        "max_embed_dim": shapes["embed"],
+        "max_depth": shapes["depth"],
+        "max_num_heads": shapes["max_num_heads"],
+        "max_mlp_ratio": shapes["max_mlp_ratio"],
+        "head_dim": shapes["head_dim"],
+    }
+    for name, value in found.items():
+        want = getattr(space, name)
+        if not math.isclose(float(want), float(value)):
+            raise ValueError(
+                f"{path}: the checkpoint's supernet has {name}={value:g}, the space {space.name!r} {want:g}"
+            )
+
+
+def _image_size(state: Mapping[str, torch.Tensor], args: Any, space: SearchSpace, patch: int, path: Path) -> int:
+    """From the position embedding's grid when there is one, else the training `--input_size`."""
+    if "pos_embed" not in state:
+        return int(_arg(args, "input_size", space.img_size))
+    patches = _need(state, path, "pos_embed").shape[1] - 1
+    side = math.isqrt(patches)
+    if side * side != patches:
+        raise ValueError(f"{path}: pos_embed holds {patches} patches, not a square grid")
+    return side * patch
+
+
+def _supernet_kwargs(state: Mapping[str, torch.Tensor], args: Any, space: SearchSpace, path: Path) -> dict[str, Any]:
+    """`ViTSupernet` settings that reproduce the checkpoint's supernet (checked against `space`)."""
+    shapes = _read_shapes(state, space, path)
+    _check_capacity(shapes, space, path)
+    img_size = _image_size(state, args, space, shapes["patch"], path)
+    rel = shapes["rel"]
+    rel_pos_max = (state["blocks.0.attn.rel_pos_k.table_v"].shape[0] - 2) // 2 if rel else space.rel_pos_max
+    return dict(
+        img_size=img_size,
+        patch_size=shapes["patch"],
+        num_classes=_need(state, path, "head.weight").shape[0],
+        in_chans=shapes["in_chans"],
+        qkv_bias=True,
+        rel_pos=rel,
+        rel_pos_max=rel_pos_max,
+        abs_pos=shapes["abs_pos"],
+        global_pool="avg" if _arg(args, "gp", True) else "token",
+        norm_eps=1e-5,
+        drop_rate=float(_arg(args, "drop", 0.0)),
+        drop_path_rate=float(_arg(args, "drop_path", 0.1)),
+        qkv_layout="autoformer",
+    )
+
+
 def load_autoformer(path: str | Path, space: SearchSpace | str) -> ViTSupernet:
     """A `ViTSupernet` holding an AutoFormer supernet checkpoint, giving the reference's logits.
 
@@ -104,69 +193,13 @@ def load_autoformer(path: str | Path, space: SearchSpace | str) -> ViTSupernet:
         space = SearchSpace.preset(space)
     path = Path(path)
     ckpt = read_autoformer_checkpoint(path)
-    args = ckpt.get("args")
-    if args is not None and not isinstance(args, argparse.Namespace):
-        args = None
+    args = _namespace(ckpt)
     state = convert_autoformer_state_dict(ckpt["model"], source=str(path))
-
-    def need(key: str) -> torch.Tensor:
-        if key not in state:
-            raise ValueError(f"{path}: missing key {key!r} in the model state dict")
-        return state[key]
-
     if _arg(args, "change_qkv", True) is False:
         raise ValueError(f"{path}: trained without --change_qkv; only change_qkv supernets (all published) load")
-    embed = need("cls_token").shape[-1]
-    depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
-    heads_x3, _ = need("blocks.0.attn.qkv.weight").shape
-    fc1_rows = need("blocks.0.mlp.fc1.weight").shape[0]
-    patch = need("patch_embed.proj.weight").shape[-1]
-    in_chans = need("patch_embed.proj.weight").shape[1]
-    rel = "blocks.0.attn.rel_pos_k.table_v" in state
-    abs_pos = "pos_embed" in state
-    head_dim = state["blocks.0.attn.rel_pos_k.table_v"].shape[1] if rel else space.head_dim
-    if heads_x3 % (3 * head_dim):
-        raise ValueError(f"{path}: qkv has {heads_x3} rows, not a multiple of 3 x head_dim {head_dim}")
-    found = {
-        "max_embed_dim": embed,
-        "max_depth": depth,
-        "max_num_heads": heads_x3 // (3 * head_dim),
-        "max_mlp_ratio": fc1_rows / embed,
-        "head_dim": head_dim,
-    }
-    for name, value in found.items():
-        want = getattr(space, name)
-        if not math.isclose(float(want), float(value)):
-            raise ValueError(
-                f"{path}: the checkpoint's supernet has {name}={value:g}, the space {space.name!r} {want:g}"
-            )
-    if abs_pos:
-        patches = need("pos_embed").shape[1] - 1
-        side = math.isqrt(patches)
-        if side * side != patches:
-            raise ValueError(f"{path}: pos_embed holds {patches} patches, not a square grid")
-        img_size = side * patch
-    else:
-        img_size = int(_arg(args, "input_size", space.img_size))
-    rel_pos_max = (state["blocks.0.attn.rel_pos_k.table_v"].shape[0] - 2) // 2 if rel else space.rel_pos_max
-    num_classes = need("head.weight").shape[0]
+    kwargs = _supernet_kwargs(state, args, space, path)
     with torch.device("meta"):
-        net = ViTSupernet(
-            space,
-            img_size=img_size,
-            patch_size=patch,
-            num_classes=num_classes,
-            in_chans=in_chans,
-            qkv_bias=True,
-            rel_pos=rel,
-            rel_pos_max=rel_pos_max,
-            abs_pos=abs_pos,
-            global_pool="avg" if _arg(args, "gp", True) else "token",
-            norm_eps=1e-5,
-            drop_rate=float(_arg(args, "drop", 0.0)),
-            drop_path_rate=float(_arg(args, "drop_path", 0.1)),
-            qkv_layout="autoformer",
-        )
+        net = ViTSupernet(space, **kwargs)
     try:
         net.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as err:
@@ -175,9 +208,9 @@ def load_autoformer(path: str | Path, space: SearchSpace | str) -> ViTSupernet:
         "loaded AutoFormer supernet from %s (epoch %s): embed %d, depth %d, %dpx, %d classes",
         path,
         ckpt.get("epoch"),
-        embed,
-        depth,
-        img_size,
-        num_classes,
+        net.max_embed_dim,
+        len(net.blocks),
+        kwargs["img_size"],
+        kwargs["num_classes"],
     )
     return net.eval()

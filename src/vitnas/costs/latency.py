@@ -14,8 +14,9 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -24,9 +25,14 @@ from vitnas._io import atomic_write_text
 from vitnas.space.arch import ArchConfig
 from vitnas.space.space import SearchSpace
 
+if TYPE_CHECKING:
+    from vitnas.models.config import ViTConfig
+
 __all__ = ["measure_latency", "LatencyTable"]
 
 log = logging.getLogger(__name__)
+# Part of every table's cache key: 2 = blocks carry the models' iRPE (tables before it timed them without).
+TABLE_FORMAT = 2
 
 
 def _sync(device: torch.device) -> None:
@@ -85,7 +91,7 @@ class LatencyTable:
     def build(
         cls,
         space: SearchSpace,
-        model_kwargs: dict[str, Any],
+        config: ViTConfig | Mapping[str, Any],
         *,
         batch: int = 1,
         device: str | torch.device = "cpu",
@@ -93,22 +99,27 @@ class LatencyTable:
         warmup: int = 3,
         reps: int = 10,
     ) -> LatencyTable:
-        """Measure (or read from the cache) every block and stem of the space on this device."""
-        from vitnas.models.vit import Block, VisionTransformer
+        """Measure (or read from the cache) every block and stem of the space on this device. `config` is the
+        models' `ViTConfig` (a supernet's `vit_config`), or its `VisionTransformer` keywords (`model_kwargs`);
+        blocks are built from it as the models build theirs, iRPE included."""
+        from vitnas.models.config import DROP_FIELDS, ViTConfig
 
         if space.patch_sizes is not None:
             raise ValueError(
                 f"space {space.name!r} searches the patch size; the latency table supports one patch "
                 f"size per space for now (constrain params or macs instead)"
             )
+        cfg = config if isinstance(config, ViTConfig) else ViTConfig(**config)
+        cfg = cfg.replace(drop_rate=0.0, attn_drop_rate=0.0, drop_path_rate=0.0)  # timed in eval mode
         device = torch.device(device)
         key_data = {
+            "format": TABLE_FORMAT,
             "device": device_name(device),
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,
             "batch": batch,
             "space": space.to_dict(),
-            "model": model_kwargs,
+            "model": {k: v for k, v in cfg.to_dict().items() if k not in DROP_FIELDS},
         }
         digest = hashlib.sha256(json.dumps(key_data, sort_keys=True, default=str).encode()).hexdigest()[:16]
         cache = (
@@ -124,35 +135,8 @@ class LatencyTable:
                 return cls(data["entries"], data["meta"])
             except (json.JSONDecodeError, KeyError) as err:  # a damaged cache is measured again
                 log.warning("ignoring unreadable latency cache %s: %s", path, err)
-        kw = dict(model_kwargs)
-        h, w = kw["img_size"] if isinstance(kw["img_size"], (list, tuple)) else (kw["img_size"],) * 2
-        tokens = (h // kw["patch_size"]) * (w // kw["patch_size"]) + 1
-        grid = (h // kw["patch_size"], w // kw["patch_size"])
-        rel = kw.get("rel_pos_max") if kw.get("rel_pos", True) else None
-        entries: dict[str, float] = {}
         t0 = time.perf_counter()
-        for e in space.embed_dim:
-            x = torch.randn(batch, tokens, e, device=device)
-            for heads in space.num_heads:
-                for r in space.mlp_ratio:
-                    hidden = int(e * r)
-                    block = Block(
-                        e,
-                        heads,
-                        hidden,
-                        head_dim=space.head_dim,
-                        rel_pos_max=rel,
-                        qkv_bias=kw.get("qkv_bias", True),
-                        norm_eps=kw.get("norm_eps", 1e-5),
-                    ).to(device)
-                    entries[cls._block_key(e, heads, hidden)] = measure_latency(
-                        _WithGrid(block, grid), x, warmup=warmup, reps=reps
-                    )
-            one = ArchConfig(e, 1, (space.mlp_ratio[0],), (space.num_heads[0],))
-            model = VisionTransformer.from_arch(one, **kw).to(device)
-            images = torch.randn(batch, kw.get("in_chans", 3), h, w, device=device)
-            full = measure_latency(model, images, warmup=warmup, reps=reps)
-            entries[f"stem/{e}"] = max(full - entries[cls._block_key(e, one.num_heads[0], one.hidden_dims()[0])], 0.0)
+        entries = _measure(space, cfg, batch, device, warmup, reps)
         meta = {**key_data, "seconds_to_build": time.perf_counter() - t0}
         atomic_write_text(path, json.dumps({"entries": entries, "meta": meta}, default=str))
         log.info("measured a %d-entry latency table in %.1fs (%s)", len(entries), meta["seconds_to_build"], path)
@@ -178,6 +162,35 @@ class LatencyTable:
             )
             errors.append(abs(self.predict(arch) - measured) / measured)
         return {"mean_abs_rel_error": statistics.fmean(errors), "max_abs_rel_error": max(errors), "n": len(archs)}
+
+
+def _measure(
+    space: SearchSpace, cfg: ViTConfig, batch: int, device: torch.device, warmup: int, reps: int
+) -> dict[str, float]:
+    """Median times of every (embed, heads, hidden) block and of every width's stem (a one-block model
+    less its block)."""
+    from vitnas.models.vit import VisionTransformer, build_block
+
+    h, w = cfg.img_size
+    grid = cfg.grid
+    tokens = grid[0] * grid[1] + 1
+    entries: dict[str, float] = {}
+    for e in space.embed_dim:
+        x = torch.randn(batch, tokens, e, device=device)
+        for heads in space.num_heads:
+            for r in space.mlp_ratio:
+                hidden = int(e * r)
+                block = build_block(cfg, e, heads, hidden).to(device)
+                entries[LatencyTable._block_key(e, heads, hidden)] = measure_latency(
+                    _WithGrid(block, grid), x, warmup=warmup, reps=reps
+                )
+        one = ArchConfig(e, 1, (space.mlp_ratio[0],), (space.num_heads[0],))
+        model = VisionTransformer(one, cfg).to(device)
+        images = torch.randn(batch, cfg.in_chans, h, w, device=device)
+        full = measure_latency(model, images, warmup=warmup, reps=reps)
+        block_key = LatencyTable._block_key(e, one.num_heads[0], one.hidden_dims()[0])
+        entries[f"stem/{e}"] = max(full - entries[block_key], 0.0)
+    return entries
 
 
 class _WithGrid(nn.Module):

@@ -11,8 +11,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from vitnas.space.arch import ArchConfig
+
+if TYPE_CHECKING:
+    from vitnas.models.config import ViTConfig
 
 __all__ = ["ViTCostModel"]
 
@@ -32,6 +36,21 @@ class ViTCostModel:
     rel_pos_max: int | None = 14  # None: no relative position
     abs_pos: bool = True
     irpe: dict | None = None  # iRPE settings (vitnas.nn.irpe.IRPEConfig fields); None: no iRPE
+
+    @classmethod
+    def from_config(cls, config: ViTConfig) -> ViTCostModel:
+        """The costs of ViTs built with `config` (a `vitnas.models.config.ViTConfig`; drop rates play no part)."""
+        return cls(
+            img_size=config.img_size,
+            patch_size=config.patch_size,
+            in_chans=config.in_chans,
+            num_classes=config.num_classes,
+            head_dim=config.head_dim,
+            qkv_bias=config.qkv_bias,
+            rel_pos_max=config.rel_pos_distance,
+            abs_pos=config.abs_pos,
+            irpe=dict(config.irpe) if config.irpe else None,
+        )
 
     def _irpe(self) -> tuple[str, int, int, bool]:
         """(letters on, buckets per table, tables per letter, contextual)."""

@@ -47,6 +47,11 @@ class AugmentConfig:
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AugmentConfig:
+        """The inverse of `to_dict` (e.g. a checkpoint's "norm"); unknown keys are an error."""
+        return cls().override(**data)
+
 
 RECIPES: dict[str, AugmentConfig] = {
     # DeiT / AutoFormer supernet recipe for ImageNet-size images.

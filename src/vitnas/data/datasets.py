@@ -10,6 +10,7 @@ import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -235,4 +236,16 @@ def load_data(
     tr, va = holdout_split(full.labels, val_per_class, seed, classes)
     data = ImageData(root.name, classes, full.subset(tr), full.subset(va), test)
     log.info("%s", data.summary())
+    return data
+
+
+def load_data_of(meta: dict[str, Any], *, data_path: str | Path | None = None, source: str = "checkpoint") -> ImageData:
+    """The data (and train / validation split) a checkpoint was trained on, from its metadata: its
+    data_path (or `data_path`), image size, held-out count and seed; checked to have its classes."""
+    cfg = meta["config"]
+    data = load_data(
+        data_path or cfg["data_path"], img_size=meta["img_size"], val_per_class=cfg["val_per_class"], seed=cfg["seed"]
+    )
+    if data.classes != meta["classes"]:
+        raise ValueError(f"{source}: trained on classes {meta['classes']}, the data has {data.classes}")
     return data

@@ -14,54 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vitnas.models.registry import register_model
+from vitnas.nn.convbn import BNLinear, Conv2dBN, fuse_batchnorms, offset_index
 from vitnas.nn.functional import drop_path
 
 __all__ = ["EfficientViT", "Conv2dBN", "BNLinear", "fuse_batchnorms"]
-
-
-class Conv2dBN(nn.Sequential):
-    """Conv (no bias) + BatchNorm, keys `c` and `bn`."""
-
-    def __init__(
-        self, a: int, b: int, ks: int = 1, stride: int = 1, pad: int = 0, groups: int = 1, bn_weight_init: float = 1.0
-    ) -> None:
-        super().__init__()
-        self.add_module("c", nn.Conv2d(a, b, ks, stride, pad, groups=groups, bias=False))
-        self.add_module("bn", nn.BatchNorm2d(b))
-        nn.init.constant_(self.bn.weight, bn_weight_init)
-        nn.init.zeros_(self.bn.bias)
-
-    @torch.no_grad()
-    def fuse(self) -> nn.Conv2d:
-        c, bn = self.c, self.bn
-        s = bn.weight / (bn.running_var + bn.eps).sqrt()
-        conv = nn.Conv2d(
-            c.in_channels, c.out_channels, c.kernel_size, c.stride, c.padding, groups=c.groups, device=c.weight.device
-        )
-        conv.weight.copy_(c.weight * s[:, None, None, None])
-        conv.bias.copy_(bn.bias - bn.running_mean * s)
-        return conv
-
-
-class BNLinear(nn.Sequential):
-    """BatchNorm1d + Linear, keys `bn` and `l`."""
-
-    def __init__(self, a: int, b: int, std: float = 0.02) -> None:
-        super().__init__()
-        self.add_module("bn", nn.BatchNorm1d(a))
-        self.add_module("l", nn.Linear(a, b))
-        nn.init.trunc_normal_(self.l.weight, std=std)
-        nn.init.zeros_(self.l.bias)
-
-    @torch.no_grad()
-    def fuse(self) -> nn.Linear:
-        bn, lin = self.bn, self.l
-        s = bn.weight / (bn.running_var + bn.eps).sqrt()
-        shift = bn.bias - bn.running_mean * s
-        out = nn.Linear(lin.in_features, lin.out_features, device=lin.weight.device)
-        out.weight.copy_(lin.weight * s[None, :])
-        out.bias.copy_(lin.weight @ shift + lin.bias)
-        return out
 
 
 class Residual(nn.Module):
@@ -116,14 +73,6 @@ class PatchMerging(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.conv3(self.se(self.act(self.conv2(self.act(self.conv1(x))))))
-
-
-def offset_index(res: int) -> Tensor:
-    """(res^2, res^2) bias index |dy| * res + |dx| between grid points in row-major order (the order in which
-    the reference numbers its offsets)."""
-    pos = torch.arange(res)
-    y, x = pos.repeat_interleave(res), pos.repeat(res)
-    return (y[:, None] - y[None, :]).abs() * res + (x[:, None] - x[None, :]).abs()
 
 
 class CascadedGroupAttention(nn.Module):
@@ -301,9 +250,48 @@ class EfficientViT(nn.Module):
         return self.eval()
 
 
-def fuse_batchnorms(module: nn.Module) -> None:
-    for name, child in module.named_children():
-        if isinstance(child, (Conv2dBN, BNLinear)):
-            setattr(module, name, child.fuse())
-        else:
-            fuse_batchnorms(child)
+# -- registered variants ---------------------------------------------------------------------------
+# EfficientViT M0-M5 (EfficientViT/classification/model/build.py): embed dims, depths, heads, kernels.
+EFFICIENTVIT = {
+    "m0": ((64, 128, 192), (1, 2, 3), (4, 4, 4), (5, 5, 5, 5)),
+    "m1": ((128, 144, 192), (1, 2, 3), (2, 3, 3), (7, 5, 3, 3)),
+    "m2": ((128, 192, 224), (1, 2, 3), (4, 3, 2), (7, 5, 3, 3)),
+    "m3": ((128, 240, 320), (1, 2, 3), (4, 3, 4), (5, 5, 5, 5)),
+    "m4": ((128, 256, 384), (1, 2, 3), (4, 4, 4), (7, 5, 3, 3)),
+    "m5": ((192, 288, 384), (1, 3, 4), (3, 3, 4), (7, 5, 3, 3)),
+}
+
+
+def _efficientvit(variant: str, **kw: Any) -> EfficientViT:
+    e, d, h, k = EFFICIENTVIT[variant]
+    return EfficientViT(**{**dict(embed_dim=e, depth=d, num_heads=h, kernels=k), **kw})
+
+
+@register_model
+def efficientvit_m0(**kw: Any) -> EfficientViT:
+    return _efficientvit("m0", **kw)
+
+
+@register_model
+def efficientvit_m1(**kw: Any) -> EfficientViT:
+    return _efficientvit("m1", **kw)
+
+
+@register_model
+def efficientvit_m2(**kw: Any) -> EfficientViT:
+    return _efficientvit("m2", **kw)
+
+
+@register_model
+def efficientvit_m3(**kw: Any) -> EfficientViT:
+    return _efficientvit("m3", **kw)
+
+
+@register_model
+def efficientvit_m4(**kw: Any) -> EfficientViT:
+    return _efficientvit("m4", **kw)
+
+
+@register_model
+def efficientvit_m5(**kw: Any) -> EfficientViT:
+    return _efficientvit("m5", **kw)

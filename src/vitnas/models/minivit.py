@@ -30,9 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vitnas.models.vit import Mlp, PatchEmbed, patch_grid, to_2tuple
+from vitnas.models.registry import register_model
 from vitnas.nn.functional import drop_path
 from vitnas.nn.irpe import IRPEConfig, build_irpe
+from vitnas.nn.layers import Mlp, PatchEmbed, patch_grid, to_2tuple
 
 __all__ = ["MiniDeiT", "MiniAttention", "MiniBlock", "MultiplexedBlock", "PerRepetition", "MINI_DEIT_IRPE"]
 
@@ -246,24 +247,7 @@ class MiniDeiT(nn.Module):
         self.drop_rate = drop_rate
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
         self.pos_embed = nn.Parameter(torch.zeros(1, self.grid[0] * self.grid[1], embed_dim))
-        # stochastic depth rises linearly over all `depth` layers; each repetition keeps its own rate
-        dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
-        self.blocks = nn.ModuleList(
-            MultiplexedBlock(
-                repeats,
-                dim=embed_dim,
-                num_heads=num_heads,
-                hidden=int(embed_dim * mlp_ratio),
-                drop_paths=dpr[g * repeats : (g + 1) * repeats],
-                qkv_bias=qkv_bias,
-                irpe=irpe_cfg,
-                transform=transform,
-                norm_eps=norm_eps,
-                drop=drop_rate,
-                attn_drop=attn_drop_rate,
-            )
-            for g in range(depth // repeats)
-        )
+        self.blocks = self._build_blocks(irpe_cfg)
         self.norm = nn.LayerNorm(embed_dim, eps=norm_eps)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
@@ -275,6 +259,29 @@ class MiniDeiT(nn.Module):
             elif isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+
+    def _build_blocks(self, irpe: IRPEConfig | None) -> nn.ModuleList:
+        """`depth / repeats` multiplexed groups; stochastic depth rises linearly over all `depth` layers and
+        each repetition keeps its own rate."""
+        c = self.config
+        depth, repeats, dim = c["depth"], c["repeats"], c["embed_dim"]
+        dpr = [c["drop_path_rate"] * i / max(depth - 1, 1) for i in range(depth)]
+        return nn.ModuleList(
+            MultiplexedBlock(
+                repeats,
+                dim=dim,
+                num_heads=c["num_heads"],
+                hidden=int(dim * c["mlp_ratio"]),
+                drop_paths=dpr[g * repeats : (g + 1) * repeats],
+                qkv_bias=c["qkv_bias"],
+                irpe=irpe,
+                transform=c["transform"],
+                norm_eps=c["norm_eps"],
+                drop=c["drop_rate"],
+                attn_drop=c["attn_drop_rate"],
+            )
+            for g in range(depth // repeats)
+        )
 
     def no_weight_decay(self) -> set[str]:
         """As the reference (timm's optimizer also skips every 1-D parameter): the iRPE tables and the
@@ -301,3 +308,34 @@ class MiniDeiT(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))
+
+
+# -- registered variants ---------------------------------------------------------------------------
+# Mini-DeiT (MiniViT/Mini-DeiT/mini_deit_models.py): DeiT-Ti/S/B widths, 12 layers in 6 weight-multiplexed
+# pairs, talking-heads transforms, iRPE (product, ratio 1.9, on keys, skip 0), no class token.
+MINI_DEIT = {"tiny": (192, 3), "small": (384, 6), "base": (768, 12)}
+
+
+def _mini_deit(size: str, **kw: Any) -> MiniDeiT:
+    e, h = MINI_DEIT[size]
+    return MiniDeiT(**{**dict(embed_dim=e, depth=12, num_heads=h, repeats=2, irpe=MINI_DEIT_IRPE), **kw})
+
+
+@register_model
+def mini_deit_tiny_patch16_224(**kw: Any) -> MiniDeiT:
+    return _mini_deit("tiny", **kw)
+
+
+@register_model
+def mini_deit_small_patch16_224(**kw: Any) -> MiniDeiT:
+    return _mini_deit("small", **kw)
+
+
+@register_model
+def mini_deit_base_patch16_224(**kw: Any) -> MiniDeiT:
+    return _mini_deit("base", **kw)
+
+
+@register_model
+def mini_deit_base_patch16_384(**kw: Any) -> MiniDeiT:
+    return _mini_deit("base", **{"img_size": 384, **kw})

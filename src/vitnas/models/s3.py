@@ -39,64 +39,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vitnas.models.vit import Mlp  # fc1, GELU, dropout, fc2, dropout: the reference's Mlp and keys
+from vitnas.models.registry import register_model
 from vitnas.nn.functional import drop_path
+from vitnas.nn.layers import Mlp  # fc1, GELU, dropout, fc2, dropout: the reference's Mlp and keys
+from vitnas.nn.windows import relative_position_index, shift_window_mask, window_partition_index
 
 __all__ = ["S3Transformer", "relative_position_index", "shift_window_mask", "window_partition_index"]
 
 log = logging.getLogger(__name__)
-
-MASK_VALUE = -100.0  # the reference's value between tokens of different shift regions
-
-
-def relative_position_index(window: int) -> Tensor:
-    """(w^2, w^2) long: (dy + w - 1) * (2w - 1) + (dx + w - 1) for query i, key j, d = pos_i - pos_j."""
-    ys, xs = torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")
-    ys, xs = ys.flatten(), xs.flatten()
-    dy = ys[:, None] - ys[None, :] + window - 1
-    dx = xs[:, None] - xs[None, :] + window - 1
-    return dy * (2 * window - 1) + dx
-
-
-def _region_labels(size: int, padded: int, window: int, shift: int) -> Tensor:
-    """Per row (or column) of the shifted, padded map: 0 before the wrapped-around part, 1 in it, 2 padding.
-
-    With `size == padded` this separates the same pairs inside a window as the reference's three slices
-    (0:-w, -w:-s, -s:), whose first two regions never share a window."""
-    pos = torch.arange(padded)
-    labels = (pos >= size - shift).long() if shift else torch.zeros(padded, dtype=torch.long)
-    return torch.where(pos >= size, torch.full_like(labels, 2), labels)
-
-
-def window_partition_index(resolution: tuple[int, int], window: int, shift: int) -> tuple[Tensor, Tensor]:
-    """Gather indices between a (H*W) token sequence and its windows (nW * w^2 slots): the map is rolled
-    by (-shift, -shift), padded at the bottom/right to multiples of `window` and cut into windows in
-    row-major order, as the reference's roll + window_partition. Returns (window_index, token_index):
-    `tokens[window_index]` are the window slots, padded ones reading token H*W (a zero token the caller
-    appends); `slots[token_index]` takes each token back from its slot, undoing the shift and the padding."""
-    H, W = resolution
-    Hp, Wp = -(-H // window) * window, -(-W // window) * window
-    rows, cols = torch.arange(Hp), torch.arange(Wp)
-    src_r, src_c = (rows + shift) % H, (cols + shift) % W
-    src = src_r[:, None] * W + src_c[None, :]
-    src = src.masked_fill((rows >= H)[:, None] | (cols >= W)[None, :], H * W)
-    window_index = src.view(Hp // window, window, Wp // window, window).transpose(1, 2).reshape(-1)
-    slots = torch.arange(window_index.numel())
-    token_index = torch.zeros(H * W + 1, dtype=torch.long).scatter_(0, window_index, slots)[: H * W]
-    return window_index, token_index
-
-
-def shift_window_mask(resolution: tuple[int, int], window: int, shift: int) -> Tensor | None:
-    """(nW, w^2, w^2) additive mask (0 / -100) for the windows of a map shifted by `shift` and padded to
-    multiples of `window`; None when no pair needs masking (no shift and no padding)."""
-    H, W = resolution
-    Hp, Wp = -(-H // window) * window, -(-W // window) * window
-    if shift == 0 and (Hp, Wp) == (H, W):
-        return None
-    labels = _region_labels(H, Hp, window, shift)[:, None] * 3 + _region_labels(W, Wp, window, shift)[None, :]
-    labels = labels.view(Hp // window, window, Wp // window, window).transpose(1, 2).reshape(-1, window * window)
-    same = labels[:, :, None] == labels[:, None, :]
-    return torch.zeros(same.shape).masked_fill(~same, MASK_VALUE)
 
 
 class PatchEmbed(nn.Module):
@@ -318,29 +268,8 @@ class S3Transformer(nn.Module):
         self.num_features = embed_dims[-1]
         self.patch_embed = PatchEmbed(in_chans, embed_dims[0], patch_size)
         self.drop_rate = drop_rate
-        H, W = self.img_size[0] // patch_size, self.img_size[1] // patch_size
-        self.patch_grid = (H, W)
-        total = sum(depths)
-        dpr = torch.linspace(0, drop_path_rate, total, device="cpu").tolist()  # the reference's decay rule
-        self.layers = nn.ModuleList()
-        for i in range(n):
-            out = embed_dims[i + 1] if i < n - 1 else None
-            rates = dpr[sum(depths[:i]) : sum(depths[: i + 1])]
-            self.layers.append(
-                BasicLayer(
-                    embed_dims[i],
-                    out,
-                    (H, W),
-                    heads[i],
-                    windows[i],
-                    mlps[i],
-                    rates,
-                    drop_rate,
-                    attn_drop_rate,
-                    head_dim,
-                )
-            )
-            H, W = (H + 1) // 2, (W + 1) // 2
+        self.patch_grid = (self.img_size[0] // patch_size, self.img_size[1] // patch_size)
+        self.layers = self._build_layers()
         self.norm = nn.LayerNorm(self.num_features)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         for m in self.modules():
@@ -349,6 +278,31 @@ class S3Transformer(nn.Module):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
         log.debug("S3Transformer: %s", self.config)
+
+    def _build_layers(self) -> nn.ModuleList:
+        """The stages `config` describes; stochastic depth rises over all blocks (the reference's linspace)."""
+        c = self.config
+        dims, depths = c["embed_dims"], c["depths"]
+        dpr = torch.linspace(0, c["drop_path_rate"], sum(depths), device="cpu").tolist()
+        H, W = self.patch_grid
+        layers = nn.ModuleList()
+        for i in range(len(depths)):
+            layers.append(
+                BasicLayer(
+                    dims[i],
+                    dims[i + 1] if i < len(depths) - 1 else None,
+                    (H, W),
+                    c["num_heads"][i],
+                    c["window_sizes"][i],
+                    c["mlp_ratios"][i],
+                    dpr[sum(depths[:i]) : sum(depths[: i + 1])],
+                    c["drop_rate"],
+                    c["attn_drop_rate"],
+                    c["head_dim"],
+                )
+            )
+            H, W = (H + 1) // 2, (W + 1) // 2
+        return layers
 
     def no_weight_decay_keywords(self) -> set[str]:
         """Swin's convention: the relative position bias tables are not decayed."""
@@ -369,3 +323,33 @@ class S3Transformer(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))
+
+
+# -- registered variants ---------------------------------------------------------------------------
+# S3 / AutoFormerV2-T/S/B (AutoFormerV2/configs/S3-{T,S,B}.yaml; the reference calls them S3-T/S/B and
+# "AutoFormerV2-T/S/B", checkpoints S3-{T,S,B}.pth): dims 96/192/384/768, heads 3/6/12/24, MLP ratio 4.
+S3 = {
+    "tiny": ((2, 2, 6, 2), (7, 7, 14, 7)),
+    "small": ((2, 2, 18, 2), (14, 14, 14, 14)),
+    "base": ((2, 2, 30, 2), (7, 7, 14, 7)),
+}
+
+
+def _s3(size: str, **kw: Any) -> S3Transformer:
+    depths, windows = S3[size]
+    return S3Transformer(**{**dict(depths=depths, window_sizes=windows), **kw})
+
+
+@register_model
+def s3_tiny(**kw: Any) -> S3Transformer:
+    return _s3("tiny", **kw)
+
+
+@register_model
+def s3_small(**kw: Any) -> S3Transformer:
+    return _s3("small", **kw)
+
+
+@register_model
+def s3_base(**kw: Any) -> S3Transformer:
+    return _s3("base", **kw)

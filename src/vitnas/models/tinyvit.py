@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vitnas.models.efficientvit import Conv2dBN, fuse_batchnorms, offset_index
+from vitnas.models.registry import register_model
+from vitnas.nn.convbn import Conv2dBN, fuse_batchnorms, offset_index
 from vitnas.nn.functional import drop_path
 
 __all__ = ["TinyViT"]
@@ -289,3 +290,52 @@ class TinyViT(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))
+
+
+# -- registered variants ---------------------------------------------------------------------------
+# TinyViT (TinyViT/models/tiny_vit.py): embed dims, heads, drop-path; depths 2,2,6,2; windows 7,7,14,7.
+TINYVIT = {
+    "5m": ((64, 128, 160, 320), (2, 4, 5, 10), 0.0),
+    "11m": ((64, 128, 256, 448), (2, 4, 8, 14), 0.1),
+    "21m": ((96, 192, 384, 576), (3, 6, 12, 18), 0.2),
+}
+
+
+def _tinyvit(
+    variant: str, windows=(7, 7, 14, 7), img_size: int = 224, drop_path_rate: float | None = None, **kw: Any
+) -> TinyViT:
+    dims, heads, dpr = TINYVIT[variant]
+    return TinyViT(
+        embed_dims=dims,
+        depths=(2, 2, 6, 2),
+        num_heads=heads,
+        window_sizes=windows,
+        img_size=img_size,
+        drop_path_rate=dpr if drop_path_rate is None else drop_path_rate,
+        **kw,
+    )
+
+
+@register_model
+def tiny_vit_5m_224(**kw: Any) -> TinyViT:
+    return _tinyvit("5m", **kw)
+
+
+@register_model
+def tiny_vit_11m_224(**kw: Any) -> TinyViT:
+    return _tinyvit("11m", **kw)
+
+
+@register_model
+def tiny_vit_21m_224(**kw: Any) -> TinyViT:
+    return _tinyvit("21m", **kw)
+
+
+@register_model
+def tiny_vit_21m_384(**kw: Any) -> TinyViT:
+    return _tinyvit("21m", windows=(12, 12, 24, 12), **{"img_size": 384, "drop_path_rate": 0.1, **kw})
+
+
+@register_model
+def tiny_vit_21m_512(**kw: Any) -> TinyViT:
+    return _tinyvit("21m", windows=(16, 16, 32, 16), **{"img_size": 512, "drop_path_rate": 0.1, **kw})

@@ -45,7 +45,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         with safe_open(str(path), framework="pt") as f:
             if "vitnas" not in (f.metadata() or {}):
                 return {n: f.get_tensor(n) for n in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
-        from vitnas.train.checkpoint import read_checkpoint  # a vitnas training checkpoint: its weights
+        from vitnas.checkpoint import read_checkpoint  # a vitnas training checkpoint: its weights
 
         return read_checkpoint(path, only=("model",))[0]["model"]
     sd = _unwrap(load_checkpoint_safely(path), path)

@@ -7,6 +7,7 @@ import torch
 from vitnas.data.augment import AugmentConfig, eval_transform
 from vitnas.data.datasets import Split
 from vitnas.evaluation import score_batches
+from vitnas.search.defaults import EVAL_BATCH
 from vitnas.space.arch import ArchConfig
 
 __all__ = ["SupernetEvaluator"]
@@ -25,7 +26,7 @@ class SupernetEvaluator:
         *,
         img_size: int,
         norm: AugmentConfig,
-        batch_size: int = 256,
+        batch_size: int = EVAL_BATCH,
         device: str | torch.device = "cpu",
         rank: int = 0,
         world: int = 1,

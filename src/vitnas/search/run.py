@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+import vitnas.search.defaults as D
 from vitnas._config import check_fields, check_range
 from vitnas._io import atomic_write_text
 from vitnas.search.constraints import Constraints
@@ -30,22 +31,22 @@ Evaluate = Callable[[ArchConfig], Mapping[str, float]]
 
 @dataclass
 class SearchConfig:
-    strategy: str = "evolution"  # evolution | random | nsga2
-    population: int = 50
-    generations: int = 20
-    parents: int = 10  # evolution: top candidates kept as parents
-    mutations: int = 25
-    crossovers: int = 25
-    layer_prob: float = 0.2  # mutation probability of each layer's mlp ratio and heads
-    depth_prob: float = 0.4
-    embed_prob: float = 0.4
-    seed: int = 0
+    strategy: str = D.STRATEGY  # evolution | random | nsga2
+    population: int = D.POPULATION
+    generations: int = D.GENERATIONS
+    parents: int = D.PARENTS  # evolution: top candidates kept as parents
+    mutations: int = D.MUTATIONS
+    crossovers: int = D.CROSSOVERS
+    layer_prob: float = D.LAYER_PROB  # mutation probability of each layer's mlp ratio and heads
+    depth_prob: float = D.DEPTH_PROB
+    embed_prob: float = D.EMBED_PROB
+    seed: int = D.SEED
     constraints: dict[str, Any] = field(default_factory=dict)  # e.g. {params: [null, 5.0e6], macs: [...]}
-    cost: str = "params"  # the cost of the Pareto front (and NSGA-II's second objective): params | macs | latency_ms
-    batch_size: int = 256  # evaluation batch
-    latency_batch: int = 1  # batch size at which latency is measured / predicted
+    cost: str = D.COST  # the cost of the Pareto front (and NSGA-II's second objective): params | macs | latency_ms
+    batch_size: int = D.EVAL_BATCH  # evaluation batch
+    latency_batch: int = D.LATENCY_BATCH  # batch size at which latency is measured / predicted
 
-    def validate(self, source: str) -> None:
+    def check(self, source: str) -> None:
         from vitnas.search.constraints import COSTS
         from vitnas.search.strategies import STRATEGIES
 
@@ -71,7 +72,7 @@ class SearchConfig:
             if key not in names:
                 raise ValueError(f"{source}: unknown key {key!r}; expected one of {names}")
         obj = cls(**data)
-        obj.validate(source)
+        obj.check(source)
         return obj
 
     def to_dict(self) -> dict[str, Any]:
@@ -132,37 +133,24 @@ def _diff(a: Mapping[str, Any], b: Mapping[str, Any]) -> str | None:
     return None
 
 
-def run_search(
-    strategy: Strategy,
-    evaluate: Evaluate,
-    *,
-    costs: Mapping[str, Callable[[ArchConfig], float]],
-    constraints: Constraints,
-    out_dir: str | Path,
-    cost: str = "params",
-    resume: bool = True,
-    progress: Callable[[int, int, dict[str, Any]], None] | None = None,
-    config: Mapping[str, Any] | None = None,
-) -> SearchResult:
-    """Run `strategy` to the end. Every proposed arch meets `constraints` (strategies are built with the
-    same feasibility test) and is evaluated at most once, even across a resume. `config` identifies the
-    run (settings, supernet checkpoint): resuming a folder made with another config is an error."""
-    out = Path(out_dir)
+_ARTEFACTS = ("candidates.jsonl", "state.json", "config.json", "pareto.json", "best.yaml", "progress.json")
+
+
+def _identity(
+    strategy: Strategy, constraints: Constraints, cost: str, config: Mapping[str, Any] | None
+) -> dict[str, Any]:
+    """What identifies a run, as it reads back from JSON (so a resume compares equal values)."""
+    identity = {"strategy": type(strategy).__name__, "constraints": constraints.to_dict(), "cost": cost}
+    return json.loads(json.dumps({**identity, **dict(config or {})}, default=str))
+
+
+def _claim_folder(out: Path, identity: dict[str, Any], resume: bool) -> None:
+    """Clear the folder's artefacts (no `resume`) or check that it holds a run of the same identity,
+    then record the identity."""
     out.mkdir(parents=True, exist_ok=True)
-    cand_path, state_path, cfg_path = out / "candidates.jsonl", out / "state.json", out / "config.json"
-    identity = json.loads(
-        json.dumps(
-            {
-                "strategy": type(strategy).__name__,
-                "constraints": constraints.to_dict(),
-                "cost": cost,
-                **dict(config or {}),
-            },
-            default=str,
-        )
-    )
+    cfg_path = out / "config.json"
     if not resume:
-        for name in ("candidates.jsonl", "state.json", "config.json", "pareto.json", "best.yaml", "progress.json"):
+        for name in _ARTEFACTS:
             (out / name).unlink(missing_ok=True)
     if cfg_path.is_file():
         diff = _diff(json.loads(cfg_path.read_text()), identity)
@@ -172,49 +160,111 @@ def run_search(
                 f"start over with --fresh or use another output folder"
             )
     atomic_write_text(cfg_path, json.dumps(identity, indent=1))
-    cache: dict[str, dict[str, Any]] = {row["key"]: row for row in load_candidates(cand_path)}
-    # Rewrite what survived (a line cut by a crash is dropped), so appends start on a fresh line.
+
+
+def _load_cache(cand_path: Path) -> dict[str, dict[str, Any]]:
+    """The evaluated candidates by key. What survived is rewritten (a line cut by a crash is dropped),
+    so appends start on a fresh line."""
+    cache = {row["key"]: row for row in load_candidates(cand_path)}
     atomic_write_text(cand_path, "".join(json.dumps(r) + "\n" for r in cache.values()))
+    return cache
+
+
+def _best_per_generation(rows: list[dict[str, Any]], generations: int) -> list[float]:
+    """The best top1 found up to each finished generation (NaN before any candidate)."""
+    return [max((r["top1"] for r in rows if r["generation"] <= g), default=float("nan")) for g in range(generations)]
+
+
+def _evaluate_new(
+    arch: ArchConfig,
+    gen: int,
+    evaluate: Evaluate,
+    costs: Mapping[str, Callable[[ArchConfig], float]],
+    constraints: Constraints,
+) -> dict[str, Any]:
+    """The candidate row of an arch not evaluated before: its metrics and costs."""
+    key = arch.key()
+    c = {name: float(fn(arch)) for name, fn in costs.items()}
+    if not constraints.satisfied(c):
+        raise AssertionError(f"strategy proposed {key} outside the constraints {constraints.to_dict()}")
+    metrics = dict(evaluate(arch))
+    return {"key": key, "generation": gen, "arch": arch.to_dict(), **metrics, **c}
+
+
+def _run_generation(
+    strategy: Strategy,
+    evaluate: Evaluate,
+    costs: Mapping[str, Callable[[ArchConfig], float]],
+    constraints: Constraints,
+    cache: dict[str, dict[str, Any]],
+    cand_path: Path,
+    progress: Callable[[int, int, dict[str, Any]], None] | None,
+) -> tuple[list[ArchConfig], list[dict[str, Any]]]:
+    """Ask, evaluate the archs not in `cache` (appending their rows to it and to `cand_path`), tell.
+    Returns the archs asked and the rows of those newly evaluated."""
+    gen = strategy.generation
+    archs = strategy.ask()
+    scores, new = [], []
+    with open(cand_path, "a") as f:
+        for i, arch in enumerate(archs):
+            row = cache.get(arch.key())
+            if row is None:
+                row = cache[arch.key()] = _evaluate_new(arch, gen, evaluate, costs, constraints)
+                new.append(row)
+                f.write(json.dumps(row) + "\n")
+                f.flush()
+            scores.append(row["top1"])
+            if progress:
+                progress(gen, i, row)
+        os.fsync(f.fileno())  # the rows are on disk before the state that counts them
+    strategy.tell(archs, scores)
+    return archs, new
+
+
+def _write_results(
+    out: Path, best: dict[str, Any] | None, front: list[dict[str, Any]], best_per_gen: list[float]
+) -> None:
+    atomic_write_text(out / "pareto.json", json.dumps(front, indent=1))
+    atomic_write_text(out / "progress.json", json.dumps({"best_per_generation": best_per_gen}))
+    if best is not None:
+        ArchConfig.from_dict(best["arch"]).to_yaml(out / "best.yaml")
+
+
+def run_search(
+    strategy: Strategy,
+    evaluate: Evaluate,
+    *,
+    costs: Mapping[str, Callable[[ArchConfig], float]],
+    constraints: Constraints,
+    out_dir: str | Path,
+    cost: str = D.COST,
+    resume: bool = True,
+    progress: Callable[[int, int, dict[str, Any]], None] | None = None,
+    config: Mapping[str, Any] | None = None,
+) -> SearchResult:
+    """Run `strategy` to the end. Every proposed arch meets `constraints` (strategies are built with the
+    same feasibility test) and is evaluated at most once, even across a resume. `config` identifies the
+    run (settings, supernet checkpoint): resuming a folder made with another config is an error."""
+    out = Path(out_dir)
+    cand_path, state_path = out / "candidates.jsonl", out / "state.json"
+    _claim_folder(out, _identity(strategy, constraints, cost, config), resume)
+    cache = _load_cache(cand_path)
     if state_path.is_file():
         strategy.load_state_dict(json.loads(state_path.read_text())["strategy"])
         log.info("resumed search at generation %d with %d evaluated candidates", strategy.generation, len(cache))
     rows = list(cache.values())
-    best_per_gen = [
-        max((r["top1"] for r in rows if r["generation"] <= g), default=float("nan")) for g in range(strategy.generation)
-    ]
+    best_per_gen = _best_per_generation(rows, strategy.generation)
     evaluations = 0
     while not strategy.done:
         gen = strategy.generation
-        archs = strategy.ask()
-        scores = []
-        with open(cand_path, "a") as f:
-            for i, arch in enumerate(archs):
-                key = arch.key()
-                row = cache.get(key)
-                if row is None:
-                    c = {name: float(fn(arch)) for name, fn in costs.items()}
-                    if not constraints.satisfied(c):
-                        raise AssertionError(f"strategy proposed {key} outside the constraints {constraints.to_dict()}")
-                    metrics = dict(evaluate(arch))
-                    evaluations += 1
-                    row = {"key": key, "generation": gen, "arch": arch.to_dict(), **metrics, **c}
-                    cache[key] = row
-                    rows.append(row)
-                    f.write(json.dumps(row) + "\n")
-                    f.flush()
-                scores.append(row["top1"])
-                if progress:
-                    progress(gen, i, row)
-            os.fsync(f.fileno())  # the rows are on disk before the state that counts them
-        strategy.tell(archs, scores)
+        archs, new = _run_generation(strategy, evaluate, costs, constraints, cache, cand_path, progress)
+        evaluations += len(new)
+        rows += new
         best_per_gen.append(max(r["top1"] for r in rows) if rows else float("nan"))
         atomic_write_text(state_path, json.dumps({"strategy": strategy.state_dict()}))
         log.info("generation %d: %d candidates, best top1 %.2f", gen, len(archs), best_per_gen[-1])
     rows = [r for r in rows if constraints.satisfied(r)]
     front = pareto_front(rows, cost)
     best = max(rows, key=lambda r: (r["top1"], -r[cost])) if rows else None
-    atomic_write_text(out / "pareto.json", json.dumps(front, indent=1))
-    atomic_write_text(out / "progress.json", json.dumps({"best_per_generation": best_per_gen}))
-    if best is not None:
-        ArchConfig.from_dict(best["arch"]).to_yaml(out / "best.yaml")
+    _write_results(out, best, front, best_per_gen)
     return SearchResult(rows, best, front, best_per_gen, evaluations, out)

@@ -12,6 +12,18 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from vitnas.search.defaults import (
+    CROSSOVERS,
+    DEPTH_PROB,
+    EMBED_PROB,
+    GENERATIONS,
+    LAYER_PROB,
+    MAX_TRIES,
+    MUTATIONS,
+    PARENTS,
+    POPULATION,
+    SEED,
+)
 from vitnas.space.arch import ArchConfig
 from vitnas.space.space import SearchSpace
 
@@ -42,10 +54,10 @@ class _Base:
         space: SearchSpace,
         *,
         feasible: Feasible | None = None,
-        population: int = 50,
-        generations: int = 20,
-        seed: int = 0,
-        max_tries: int = 5000,
+        population: int = POPULATION,
+        generations: int = GENERATIONS,
+        seed: int = SEED,
+        max_tries: int = MAX_TRIES,
     ) -> None:
         self.space = space
         self.feasible = feasible or (lambda arch: True)
@@ -131,16 +143,16 @@ class EvolutionSearch(_Base):
         space: SearchSpace,
         *,
         feasible: Feasible | None = None,
-        population: int = 50,
-        parents: int = 10,
-        mutations: int = 25,
-        crossovers: int = 25,
-        layer_prob: float = 0.2,
-        depth_prob: float = 0.4,
-        embed_prob: float = 0.4,
-        generations: int = 20,
-        seed: int = 0,
-        max_tries: int = 5000,
+        population: int = POPULATION,
+        parents: int = PARENTS,
+        mutations: int = MUTATIONS,
+        crossovers: int = CROSSOVERS,
+        layer_prob: float = LAYER_PROB,
+        depth_prob: float = DEPTH_PROB,
+        embed_prob: float = EMBED_PROB,
+        generations: int = GENERATIONS,
+        seed: int = SEED,
+        max_tries: int = MAX_TRIES,
     ) -> None:
         super().__init__(
             space, feasible=feasible, population=population, generations=generations, seed=seed, max_tries=max_tries
@@ -196,10 +208,10 @@ class NSGA2Search(_Base):
         *,
         cost: Callable[[ArchConfig], float],
         feasible: Feasible | None = None,
-        population: int = 50,
-        generations: int = 20,
-        seed: int = 0,
-        max_tries: int = 5000,
+        population: int = POPULATION,
+        generations: int = GENERATIONS,
+        seed: int = SEED,
+        max_tries: int = MAX_TRIES,
     ) -> None:
         super().__init__(
             space, feasible=feasible, population=population, generations=generations, seed=seed, max_tries=max_tries

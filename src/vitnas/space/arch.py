@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vitnas.space.yaml_io import check_autoformer, check_keys, dump_yaml, is_autoformer, load_yaml
+
 __all__ = ["ArchConfig"]
 
 # Dimension names, identical in YAML, CLI flags, ArchConfig and tables.
@@ -134,17 +136,33 @@ class ArchConfig:
 
     def to_yaml(self, path: str | Path | None = None) -> str:
         """Return the YAML text; also write it (atomically) when `path` is given."""
-        from vitnas.space.yaml_io import dump_yaml
-
         return dump_yaml(self.to_dict(), path)
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> ArchConfig:
         """Read our format (the `to_yaml` keys, optionally under `arch:`) or an AutoFormer subnet
         config (its `RETRAIN` section)."""
-        from vitnas.space.yaml_io import read_arch_yaml
+        path = Path(path)
+        data = load_yaml(path)
+        if is_autoformer(data):
+            data = _from_autoformer(data, path)
+        elif isinstance(data, Mapping) and "arch" in data:
+            data = data["arch"]
+        if isinstance(data, Mapping):
+            check_keys(data, ARCH_KEYS + OPTIONAL_KEYS, str(path))
+        return cls.from_dict(data, source=str(path))
 
-        return read_arch_yaml(path)
+
+def _from_autoformer(data: Mapping, path: Path) -> dict[str, Any]:
+    """Our arch keys from the `RETRAIN` section of an AutoFormer config."""
+    sub = check_autoformer(data, path, "RETRAIN", "the subnet of an AutoFormer config")
+    embed = sub["EMBED_DIM"]
+    # AutoFormer writes EMBED_DIM either as one number or repeated per layer.
+    if isinstance(embed, list):
+        if len(set(embed)) != 1:
+            raise ValueError(f"{path}: RETRAIN.EMBED_DIM must hold one width, got {embed}")
+        embed = embed[0]
+    return {"embed_dim": embed, "depth": sub["DEPTH"], "mlp_ratios": sub["MLP_RATIO"], "num_heads": sub["NUM_HEADS"]}
 
 
 def _seq(value: Any) -> Any:

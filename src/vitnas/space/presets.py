@@ -1,12 +1,18 @@
-"""Named search spaces. The AutoFormer ones copy the reference's supernet and choices exactly."""
+"""Named search spaces, as plain data: the `SearchSpace` keyword arguments of each, by name.
+
+`SearchSpace.preset(name)` builds them; this module imports no space type. The AutoFormer ones copy
+the reference's supernet and choices exactly.
+"""
 
 from __future__ import annotations
 
-from vitnas.space.space import SearchSpace
+from typing import Any
 
-PRESETS: dict[str, SearchSpace] = {
+__all__ = ["PRESETS"]
+
+PRESETS: dict[str, dict[str, Any]] = {
     # AutoFormer, experiments/supernet/supernet-{T,S,B}.yaml: capacity embed/heads/mlp/depth, then choices.
-    "autoformer-tiny": SearchSpace(
+    "autoformer-tiny": dict(
         embed_dim=(192, 216, 240),
         depth=(12, 13, 14),
         mlp_ratio=(3.5, 4.0),
@@ -17,7 +23,7 @@ PRESETS: dict[str, SearchSpace] = {
         max_num_heads=4,
         name="autoformer-tiny",
     ),
-    "autoformer-small": SearchSpace(
+    "autoformer-small": dict(
         embed_dim=(320, 384, 448),
         depth=(12, 13, 14),
         mlp_ratio=(3.0, 3.5, 4.0),
@@ -28,7 +34,7 @@ PRESETS: dict[str, SearchSpace] = {
         max_num_heads=7,
         name="autoformer-small",
     ),
-    "autoformer-base": SearchSpace(
+    "autoformer-base": dict(
         embed_dim=(528, 576, 624),
         depth=(14, 15, 16),
         mlp_ratio=(3.0, 3.5, 4.0),
@@ -41,7 +47,7 @@ PRESETS: dict[str, SearchSpace] = {
     ),
     # 32x32 images, patch 4 (an 8x8 grid, so relative distances never exceed 7), head dim 32: the
     # largest subnet is ~0.13 GMACs, so a supernet trains at a useful speed on 2 CPU cores.
-    "cifar": SearchSpace(
+    "cifar": dict(
         embed_dim=(96, 128, 160),
         depth=(4, 5, 6),
         mlp_ratio=(2.0, 3.0, 4.0),
@@ -54,7 +60,7 @@ PRESETS: dict[str, SearchSpace] = {
     ),
     # The embedded digits (8x8 images shown at 16px, patch 4: a 4x4 grid): the demo's space, which
     # trains and searches in minutes on 2 CPU cores.
-    "digits": SearchSpace(
+    "digits": dict(
         embed_dim=(48, 64, 96),
         depth=(2, 3, 4),
         mlp_ratio=(2.0, 3.0, 4.0),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -10,8 +10,17 @@ from typing import Any
 import numpy as np
 
 from vitnas.space.arch import ArchConfig
+from vitnas.space.presets import PRESETS
+from vitnas.space.yaml_io import check_autoformer, check_keys, dump_yaml, is_autoformer, load_yaml
 
-__all__ = ["SearchSpace"]
+__all__ = ["SearchSpace", "LAYER_PROB", "DEPTH_PROB", "EMBED_PROB"]
+
+# AutoFormer's mutation probabilities: the one definition; search strategies and configs use these.
+LAYER_PROB = 0.2  # each layer's mlp ratio and heads
+DEPTH_PROB = 0.4  # the depth
+EMBED_PROB = 0.4  # the embedding width (and a searched patch size)
+
+_REQUIRED = ("embed_dim", "depth", "mlp_ratio", "num_heads")
 
 
 def _choices(value: Any, name: str, kind: type) -> tuple:
@@ -84,33 +93,40 @@ class SearchSpace:
     # -- presets and files -------------------------------------------------------------------------
     @classmethod
     def preset(cls, name: str) -> SearchSpace:
-        """`autoformer-tiny`, `autoformer-small`, `autoformer-base` (the reference spaces) or `cifar`."""
-        from vitnas.space.presets import PRESETS
-
+        """`autoformer-tiny`, `autoformer-small`, `autoformer-base` (the reference spaces), `cifar` or
+        `digits`."""
         try:
-            return PRESETS[name]
+            return _PRESETS[name]
         except KeyError:
             raise ValueError(f"unknown search space preset {name!r}; choose one of {sorted(PRESETS)}") from None
 
     @staticmethod
     def presets() -> list[str]:
-        from vitnas.space.presets import PRESETS
-
         return sorted(PRESETS)
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> SearchSpace:
-        """Read our format or an AutoFormer config (`SUPERNET` + `SEARCH_SPACE` sections)."""
-        from vitnas.space.yaml_io import read_space_yaml
-
-        return read_space_yaml(path)
+        """Read our format (the `to_yaml` keys, optionally under `space:`) or an AutoFormer config
+        (`SUPERNET` + `SEARCH_SPACE` sections)."""
+        path = Path(path)
+        data = load_yaml(path)
+        if is_autoformer(data):
+            kwargs = _from_autoformer(data, path)
+        else:
+            if isinstance(data, Mapping) and "space" in data:
+                data = data["space"]
+            kwargs = dict(check_keys(data, _space_keys(), str(path), required=_REQUIRED))
+            kwargs.setdefault("name", path.stem)
+        try:
+            return cls(**kwargs)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{path}: {err}") from None
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in fields(self)}
 
     def to_yaml(self, path: str | Path | None = None) -> str:
-        from vitnas.space.yaml_io import dump_yaml
-
+        """Return the YAML text; also write it (atomically) when `path` is given."""
         return dump_yaml(self.to_dict(), path)
 
     def with_(self, **changes: Any) -> SearchSpace:
@@ -148,7 +164,7 @@ class SearchSpace:
     def __contains__(self, arch: object) -> bool:
         return isinstance(arch, ArchConfig) and self.contains(arch)
 
-    def validate(self, arch: ArchConfig) -> ArchConfig:
+    def check_arch(self, arch: ArchConfig) -> ArchConfig:
         """Return `arch` or raise ValueError naming the first dimension outside the space."""
         problems = self.violations(arch)
         if problems:
@@ -196,9 +212,9 @@ class SearchSpace:
         arch: ArchConfig,
         rng: np.random.Generator,
         *,
-        layer_prob: float = 0.2,
-        depth_prob: float = 0.4,
-        embed_prob: float = 0.4,
+        layer_prob: float = LAYER_PROB,
+        depth_prob: float = DEPTH_PROB,
+        embed_prob: float = EMBED_PROB,
     ) -> ArchConfig:
         """AutoFormer's mutation: depth (new layers drawn at random, extra ones dropped), then each
         layer's mlp ratio and heads with `layer_prob`, then the embedding width."""
@@ -264,3 +280,28 @@ class SearchSpace:
         per_layer = len(self.mlp_ratio) * len(self.num_heads)
         patches = 1 if self.patch_sizes is None else len(self.patch_sizes)
         return patches * len(self.embed_dim) * sum(per_layer**d for d in self.depth)
+
+
+def _space_keys() -> tuple[str, ...]:
+    return tuple(f.name for f in fields(SearchSpace))
+
+
+def _from_autoformer(data: Mapping, path: Path) -> dict[str, Any]:
+    """`SearchSpace` keyword arguments from an AutoFormer supernet config: choices from its
+    `SEARCH_SPACE` section, capacity from `SUPERNET` (absent: the largest choices)."""
+    choices = check_autoformer(data, path, "SEARCH_SPACE", "an AutoFormer supernet config needs it")
+    cap = data.get("SUPERNET", {})
+    return dict(
+        embed_dim=choices["EMBED_DIM"],
+        depth=choices["DEPTH"],
+        mlp_ratio=choices["MLP_RATIO"],
+        num_heads=choices["NUM_HEADS"],
+        max_embed_dim=cap.get("EMBED_DIM"),
+        max_depth=cap.get("DEPTH"),
+        max_mlp_ratio=cap.get("MLP_RATIO"),
+        max_num_heads=cap.get("NUM_HEADS"),
+        name=path.stem,
+    )
+
+
+_PRESETS = {name: SearchSpace(**kwargs) for name, kwargs in PRESETS.items()}

@@ -1,7 +1,7 @@
 """AutoFormer's weight-entangled ViT supernet.
 
 Every layer holds the largest weights; a subnet uses the leading slice of each (see
-`vitnas.nn.slicing`). The active architecture is set explicitly (`set_active` or
+`vitnas.nn.slicing` and `vitnas.nn.sliced`). The active architecture is set explicitly (`set_active` or
 `with net.active(arch):`) and read by `forward`; nothing is pushed into layers behind the scenes.
 `extract(arch)` returns a plain `VisionTransformer` whose state dict is made of the very slices the
 supernet's forward uses.
@@ -10,6 +10,7 @@ supernet's forward uses.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Iterator
 from typing import Any
@@ -19,198 +20,58 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vitnas.costs.vit import ViTCostModel
-from vitnas.models.vit import PatchEmbed, VisionTransformer, init_vit_weights, patch_grid, to_2tuple
-from vitnas.nn.functional import IRPEInputs, RelPosInputs, attention, drop_path, mlp
-from vitnas.nn.irpe import IRPEConfig, build_irpe
-from vitnas.nn.relpos import RelativePosition2D, relpos_index
-from vitnas.nn.slicing import QKV_LAYOUTS, SIDES, edge, slice_linear, slice_qkv, slice_vector
+from vitnas.models.config import DROP_FIELDS, ViTConfig
+from vitnas.models.vit import VisionTransformer
+from vitnas.nn.layers import PatchEmbed, init_vit_weights, patch_grid
+from vitnas.nn.sliced import SuperBlock, ln_params, prefixed
+from vitnas.nn.slicing import QKV_LAYOUTS, SIDES, edge, slice_vector
 from vitnas.space.arch import ArchConfig
 from vitnas.space.space import SearchSpace
 
-__all__ = ["ViTSupernet"]
+__all__ = ["OPTIONS", "ViTSupernet"]
 
 log = logging.getLogger(__name__)
 
-
-class SuperAttention(nn.Module):
-    def __init__(
-        self,
-        max_dim: int,
-        max_heads: int,
-        head_dim: int,
-        qkv_bias: bool,
-        rel_pos_max: int | None,
-        qkv_layout: str,
-        irpe: IRPEConfig | None = None,
-        private_qk: tuple[int, ...] | None = None,
-    ) -> None:
-        super().__init__()
-        self.head_dim = head_dim
-        self.scale = head_dim**-0.5
-        self.qkv_layout = qkv_layout
-        self.private_qk = private_qk
-        if private_qk is None:
-            self.qkv = nn.Linear(max_dim, 3 * max_heads * head_dim, bias=qkv_bias)
-        else:  # ViTAS: q and k private to each head-count choice, v shared and sliced
-            self.qk = nn.ModuleDict({f"h{h}": nn.Linear(max_dim, 2 * h * head_dim, bias=qkv_bias) for h in private_qk})
-            self.v = nn.Linear(max_dim, max_heads * head_dim, bias=qkv_bias)
-        self.proj = nn.Linear(max_heads * head_dim, max_dim)
-        self.rel_pos_k = RelativePosition2D(head_dim, rel_pos_max) if rel_pos_max else None
-        self.rel_pos_v = RelativePosition2D(head_dim, rel_pos_max) if rel_pos_max else None
-        self.irpe = irpe
-        if irpe is not None:  # tables for the most heads; a subnet uses the leading ones (or the shared one)
-            for name, module in build_irpe(irpe, head_dim, max_heads).items():
-                self.add_module(name, module)
-
-    def _irpe_modules(self) -> dict[str, nn.Module]:
-        return {n: m for n, m in self.named_children() if n.startswith("rpe_")}
-
-    def active_params(self, dim: int, heads: int, side: str = "left") -> dict[str, Tensor]:
-        """The subnet's parameters, named as in `vitnas.models.vit.Attention`."""
-        if self.private_qk is None:
-            qw, qb = slice_qkv(self.qkv.weight, self.qkv.bias, heads, self.head_dim, dim, self.qkv_layout, side)
-        else:
-            if heads not in self.private_qk:
-                raise ValueError(f"num_heads={heads} has no private q/k (choices {list(self.private_qk)})")
-            qk = self.qk[f"h{heads}"]
-            vw, vb = slice_linear(self.v.weight, self.v.bias, heads * self.head_dim, dim, side)
-            qw = torch.cat([qk.weight[:, edge(dim, qk.weight.shape[1], side)], vw])
-            qb = None if qk.bias is None else torch.cat([qk.bias, vb])
-        pw, pb = slice_linear(self.proj.weight, self.proj.bias, dim, heads * self.head_dim, side)
-        out = {"qkv.weight": qw, "proj.weight": pw, "proj.bias": pb}
-        if qb is not None:
-            out["qkv.bias"] = qb
-        for name in ("rel_pos_k", "rel_pos_v"):
-            rp = getattr(self, name)
-            if rp is not None:
-                out[f"{name}.table_v"] = rp.table_v[:, : self.head_dim]
-                out[f"{name}.table_h"] = rp.table_h[:, : self.head_dim]
-        n = 1 if self.irpe is not None and self.irpe.shared_head else heads
-        for prefix, module in self._irpe_modules().items():
-            for pname, p in module.named_parameters():
-                out[f"{prefix}.{pname}"] = p[edge(n, p.shape[0], side)]  # iRPE tables: the active heads
-        return out
-
-    def forward(
-        self,
-        x: Tensor,
-        grid: tuple[int, int],
-        dim: int,
-        heads: int,
-        attn_drop: float,
-        proj_drop: float,
-        side: str = "left",
-    ) -> Tensor:
-        p = self.active_params(dim, heads, side)
-        rp = None
-        if self.rel_pos_k is not None:
-            index = relpos_index(grid, self.rel_pos_k.max_distance, x.shape[1] - grid[0] * grid[1], x.device)
-            rp = RelPosInputs(index, self.rel_pos_k.tables(self.head_dim), self.rel_pos_v.tables(self.head_dim))
-        ir = None
-        if self.irpe is not None:  # the modules slice their tables to the heads of their input
-            m = self._irpe_modules()
-            if side != "left" and not self.irpe.shared_head:
-                raise ValueError("per-head iRPE tables support left (prefix) slicing only")
-            ir = IRPEInputs(m.get("rpe_q"), m.get("rpe_k"), m.get("rpe_v"), grid)
-        return attention(
-            x,
-            p["qkv.weight"],
-            p.get("qkv.bias"),
-            p["proj.weight"],
-            p["proj.bias"],
-            num_heads=heads,
-            head_dim=self.head_dim,
-            scale=self.scale,
-            relpos=rp,
-            irpe=ir,
-            attn_drop=attn_drop,
-            proj_drop=proj_drop,
-            training=self.training,
-        )
+# The `ViTConfig` fields a supernet takes as keyword options; its head_dim is the space's, and img_size,
+# patch_size and rel_pos_max default to the space's.
+OPTIONS = tuple(
+    f.name for f in dataclasses.fields(ViTConfig) if f.name not in ("img_size", "patch_size", "num_classes", "head_dim")
+)
 
 
-class SuperMlp(nn.Module):
-    def __init__(self, max_dim: int, max_hidden: int) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(max_dim, max_hidden)
-        self.fc2 = nn.Linear(max_hidden, max_dim)
-
-    def active_params(self, dim: int, hidden: int, side: str = "left") -> dict[str, Tensor]:
-        w1, b1 = slice_linear(self.fc1.weight, self.fc1.bias, hidden, dim, side)
-        w2, b2 = slice_linear(self.fc2.weight, self.fc2.bias, dim, hidden, side)
-        return {"fc1.weight": w1, "fc1.bias": b1, "fc2.weight": w2, "fc2.bias": b2}
-
-    def forward(self, x: Tensor, dim: int, hidden: int, drop: float, side: str = "left") -> Tensor:
-        p = self.active_params(dim, hidden, side)
-        return mlp(x, p["fc1.weight"], p["fc1.bias"], p["fc2.weight"], p["fc2.bias"], drop=drop, training=self.training)
-
-
-def _ln_params(norm: nn.LayerNorm, dim: int, side: str = "left") -> dict[str, Tensor]:
-    s = edge(dim, norm.weight.shape[0], side)
-    return {"weight": norm.weight[s], "bias": norm.bias[s]}
-
-
-def _prefixed(prefix: str, params: dict[str, Tensor]) -> dict[str, Tensor]:
-    return {f"{prefix}.{k}": v for k, v in params.items()}
-
-
-class SuperBlock(nn.Module):
-    def __init__(
-        self,
-        max_dim: int,
-        max_heads: int,
-        max_hidden: int,
-        head_dim: int,
-        qkv_bias: bool,
-        rel_pos_max: int | None,
-        norm_eps: float,
-        qkv_layout: str,
-        drop_path: float,
-        irpe: IRPEConfig | None = None,
-        private_qk: tuple[int, ...] | None = None,
-    ) -> None:
-        super().__init__()
-        self.norm1 = nn.LayerNorm(max_dim, eps=norm_eps)
-        self.attn = SuperAttention(max_dim, max_heads, head_dim, qkv_bias, rel_pos_max, qkv_layout, irpe, private_qk)
-        self.norm2 = nn.LayerNorm(max_dim, eps=norm_eps)
-        self.mlp = SuperMlp(max_dim, max_hidden)
-        self.drop_path = drop_path
-        self.norm_eps = norm_eps
-
-    def active_params(self, dim: int, heads: int, hidden: int, side: str = "left") -> dict[str, Tensor]:
-        return {
-            **_prefixed("norm1", _ln_params(self.norm1, dim, side)),
-            **_prefixed("attn", self.attn.active_params(dim, heads, side)),
-            **_prefixed("norm2", _ln_params(self.norm2, dim, side)),
-            **_prefixed("mlp", self.mlp.active_params(dim, hidden, side)),
-        }
-
-    def forward(
-        self,
-        x: Tensor,
-        grid: tuple[int, int],
-        dim: int,
-        heads: int,
-        hidden: int,
-        drop: float,
-        attn_drop: float,
-        side: str = "left",
-    ) -> Tensor:
-        n1, n2 = _ln_params(self.norm1, dim, side), _ln_params(self.norm2, dim, side)
-        h = F.layer_norm(x, (dim,), n1["weight"], n1["bias"], self.norm_eps)
-        x = x + drop_path(self.attn(h, grid, dim, heads, attn_drop, drop, side), self.drop_path, self.training)
-        h = F.layer_norm(x, (dim,), n2["weight"], n2["bias"], self.norm_eps)
-        return x + drop_path(self.mlp(h, dim, hidden, drop, side), self.drop_path, self.training)
+def _init_kwargs(
+    img_size: Any, patch_size: Any, num_classes: int, options: dict[str, Any], qkv_layout: str, private_qk: bool
+) -> dict[str, Any]:
+    """The constructor's arguments besides the space, as given (None: the space's value), defaults filled
+    in: what a checkpoint stores to rebuild the supernet."""
+    defaults = {f.name: f.default for f in dataclasses.fields(ViTConfig)} | {"rel_pos_max": None}
+    given = {k: options.get(k, defaults[k]) for k in OPTIONS}
+    irpe = given.pop("irpe")
+    return dict(
+        img_size=img_size,
+        patch_size=patch_size,
+        num_classes=num_classes,
+        **given,
+        qkv_layout=qkv_layout,
+        irpe=dict(irpe) if irpe else None,
+        private_qk=private_qk,
+    )
 
 
 class ViTSupernet(nn.Module):
     """Weight-entangled ViT supernet over a `SearchSpace`.
 
-    Options follow AutoFormer's published runs: q/k/v width `num_heads * head_dim` (head_dim 64 by
-    default, taken from the space), 2-D relative position on keys and values, absolute position
-    embedding, global average pooling, LayerNorm eps 1e-5, drop-path growing linearly over the
-    supernet depth, dropout scaled by embed_dim / max_embed_dim. `qkv_layout="autoformer"`
-    reproduces the reference's q/k/v slicing (used when loading its checkpoints).
+    Options are `ViTConfig` fields (`OPTIONS`: in_chans, qkv_bias, rel_pos, rel_pos_max, abs_pos,
+    global_pool, norm_eps, drop_rate, attn_drop_rate, drop_path_rate, irpe) and default as AutoFormer's
+    published runs: q/k/v width `num_heads * head_dim` (head_dim from the space), 2-D relative position on
+    keys and values, absolute position embedding, global average pooling, LayerNorm eps 1e-5, drop-path
+    growing linearly over the supernet depth, dropout scaled by embed_dim / max_embed_dim. iRPE tables are
+    sliced with the active heads. `qkv_layout="autoformer"` reproduces the reference's q/k/v slicing (used
+    when loading its checkpoints); `private_qk` (default: the space's) gives ViTAS attention, q/k private
+    to each head-count choice and v shared.
+
+    `vit_config` is the resolved `ViTConfig` (the space's defaults filled in); `init_kwargs` the arguments
+    that rebuild the supernet, `ViTSupernet(space, **net.init_kwargs)`.
 
     The supernet runs any arch that fits its weights (`SearchSpace.capacity_violations`), which is
     looser than the space's choices: AutoFormer's own published T subnet uses mlp_ratio 3.0.
@@ -223,128 +84,90 @@ class ViTSupernet(nn.Module):
         patch_size: int | None = None,
         num_classes: int = 1000,
         *,
-        in_chans: int = 3,
-        qkv_bias: bool = True,
-        rel_pos: bool = True,
-        rel_pos_max: int | None = None,
-        abs_pos: bool = True,
-        global_pool: str = "avg",
-        norm_eps: float = 1e-5,
-        drop_rate: float = 0.0,
-        attn_drop_rate: float = 0.0,
-        drop_path_rate: float = 0.0,
         qkv_layout: str = "standard",
-        irpe: dict[str, Any] | None = None,
         private_qk: bool | None = None,
+        **options: Any,
     ) -> None:
         super().__init__()
-        irpe_cfg = IRPEConfig(**irpe) if irpe else None  # iRPE tables, sliced with the active heads
-        # ViTAS attention: q/k private to each head-count choice, v shared
-        private_qk = space.private_qk if private_qk is None else private_qk  # default: the space's setting
-        self.private_qk = tuple(space.num_heads) if private_qk else None
+        unknown = sorted(set(options) - set(OPTIONS))
+        if unknown:
+            raise TypeError(f"ViTSupernet got unexpected keyword arguments {unknown}; its options are {list(OPTIONS)}")
+        private_qk = space.private_qk if private_qk is None else private_qk
         if private_qk and qkv_layout != "standard":
             raise ValueError("private_qk needs qkv_layout='standard'")
         if qkv_layout not in QKV_LAYOUTS:
             raise ValueError(f"qkv_layout={qkv_layout!r}; expected one of {QKV_LAYOUTS}")
-        if global_pool not in ("avg", "token"):
-            raise ValueError(f"global_pool={global_pool!r}; expected 'avg' or 'token'")
+        cfg = ViTConfig.from_space(space, img_size=img_size, patch_size=patch_size, num_classes=num_classes, **options)
         self.space = space
-        # Constructor arguments besides the space, so a checkpoint can rebuild this supernet.
-        self.init_kwargs: dict[str, Any] = dict(
-            img_size=img_size,
-            patch_size=patch_size,
-            num_classes=num_classes,
-            in_chans=in_chans,
-            qkv_bias=qkv_bias,
-            rel_pos=rel_pos,
-            rel_pos_max=rel_pos_max,
-            abs_pos=abs_pos,
-            global_pool=global_pool,
-            norm_eps=norm_eps,
-            drop_rate=drop_rate,
-            attn_drop_rate=attn_drop_rate,
-            drop_path_rate=drop_path_rate,
-            qkv_layout=qkv_layout,
-            irpe=dict(irpe) if irpe else None,
-            private_qk=private_qk,
+        self.vit_config = cfg
+        self.init_kwargs: dict[str, Any] = _init_kwargs(
+            img_size, patch_size, num_classes, options, qkv_layout, private_qk
         )
-        img_size = space.img_size if img_size is None else img_size
-        patch_size = space.patch_size if patch_size is None else patch_size
-        rel_pos_max = space.rel_pos_max if rel_pos_max is None else rel_pos_max
-        self.img_size = to_2tuple(img_size)
-        self.patch_size = patch_size
-        self.grid = patch_grid(img_size, patch_size)
+        self.private_qk = tuple(space.num_heads) if private_qk else None
+        self.img_size = cfg.img_size
+        self.patch_size = cfg.patch_size
+        self.grid = cfg.grid
         self.num_classes = num_classes
         self.head_dim = space.head_dim
-        self.global_pool = global_pool
-        self.drop_rate = drop_rate
-        self.attn_drop_rate = attn_drop_rate
+        self.global_pool = cfg.global_pool
+        self.drop_rate = cfg.drop_rate
+        self.attn_drop_rate = cfg.attn_drop_rate
         self.qkv_layout = qkv_layout
-        self.max_embed_dim = E = space.max_embed_dim
+        self.max_embed_dim = space.max_embed_dim
         self.max_depth = space.max_depth
-        self.max_hidden = int(E * space.max_mlp_ratio)
-        # Everything a static subnet needs besides its arch (passed on by `extract`): the constructor
-        # arguments a VisionTransformer shares, with the space's defaults filled in.
-        shared = ("in_chans", "num_classes", "qkv_bias", "rel_pos", "abs_pos", "global_pool", "norm_eps", "irpe")
-        self.model_kwargs: dict[str, Any] = {
-            **{k: self.init_kwargs[k] for k in shared},
-            "img_size": list(self.img_size),
-            "patch_size": patch_size,
-            "head_dim": space.head_dim,
-            "rel_pos_max": rel_pos_max,
-        }
-        self.drop_path_rates = [drop_path_rate * i / max(self.max_depth - 1, 1) for i in range(self.max_depth)]
-        num_patches = self.grid[0] * self.grid[1]
+        self.max_hidden = int(space.max_embed_dim * space.max_mlp_ratio)
+        self.drop_path_rates = cfg.drop_path_rates(self.max_depth)
         self.patch_sizes = space.patch_sizes
+        self._build(cfg)
+        self.costs = ViTCostModel.from_config(cfg)
+        self._arch = space.largest()
+        self._side = "left"
+
+    def _build(self, cfg: ViTConfig) -> None:
+        E, space = self.max_embed_dim, self.space
         if self.patch_sizes is None:
-            self.patch_embed = PatchEmbed(patch_size, in_chans, E)
+            self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, E)
             self.cls_token = nn.Parameter(torch.zeros(1, 1, E))
-            self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, E)) if abs_pos else None
+            self.pos_embed = nn.Parameter(torch.zeros(1, self.grid[0] * self.grid[1] + 1, E)) if cfg.abs_pos else None
         else:  # ViTAS: every patch size has its own embedding, class token and position embedding
-            grids = {p: patch_grid(img_size, p) for p in self.patch_sizes}
-            self.patch_embeds = nn.ModuleDict({f"p{p}": PatchEmbed(p, in_chans, E) for p in self.patch_sizes})
+            grids = {p: patch_grid(cfg.img_size, p) for p in self.patch_sizes}
+            self.patch_embeds = nn.ModuleDict({f"p{p}": PatchEmbed(p, cfg.in_chans, E) for p in self.patch_sizes})
             self.cls_tokens = nn.ParameterDict({f"p{p}": nn.Parameter(torch.zeros(1, 1, E)) for p in self.patch_sizes})
             self.pos_embeds = (
                 nn.ParameterDict({f"p{p}": nn.Parameter(torch.zeros(1, g[0] * g[1] + 1, E)) for p, g in grids.items()})
-                if abs_pos
+                if cfg.abs_pos
                 else None
             )
             self.pos_embed = None
+        irpe = cfg.irpe_config
         self.blocks = nn.ModuleList(
             SuperBlock(
                 E,
                 space.max_num_heads,
                 self.max_hidden,
                 space.head_dim,
-                qkv_bias,
-                rel_pos_max if rel_pos else None,
-                norm_eps,
-                qkv_layout,
+                cfg.qkv_bias,
+                cfg.rel_pos_distance,
+                cfg.norm_eps,
+                self.qkv_layout,
                 self.drop_path_rates[i],
-                irpe_cfg,
+                irpe,
                 self.private_qk,
             )
             for i in range(self.max_depth)
         )
-        self.norm = nn.LayerNorm(E, eps=norm_eps)
-        self.head = nn.Linear(E, num_classes) if num_classes > 0 else nn.Identity()
+        self.norm = nn.LayerNorm(E, eps=cfg.norm_eps)
+        self.head = nn.Linear(E, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
         for name, p in self.named_parameters():
             if name.startswith(("pos_embed", "cls_token")):
                 nn.init.trunc_normal_(p, std=0.02)
         self.apply(init_vit_weights)
-        self.costs = ViTCostModel(
-            img_size=self.img_size,
-            patch_size=patch_size,
-            in_chans=in_chans,
-            num_classes=num_classes,
-            head_dim=space.head_dim,
-            qkv_bias=qkv_bias,
-            rel_pos_max=rel_pos_max if rel_pos else None,
-            abs_pos=abs_pos,
-            irpe=dict(irpe) if irpe else None,
-        )
-        self._arch = space.largest()
-        self._side = "left"
+
+    @property
+    def model_kwargs(self) -> dict[str, Any]:
+        """Everything a static subnet needs besides its arch and regularisation: the `ViTConfig` (space's
+        defaults filled in) as `VisionTransformer` keywords, drop rates left out."""
+        return {k: v for k, v in self.vit_config.to_dict().items() if k not in DROP_FIELDS}
 
     # -- the active architecture -------------------------------------------------------------------
     @property
@@ -449,8 +272,8 @@ class ViTSupernet(nn.Module):
         if pos_embed is not None:
             out["pos_embed"] = pos_embed[..., se]
         for i, (heads, hidden) in enumerate(zip(arch.num_heads, arch.hidden_dims())):
-            out.update(_prefixed(f"blocks.{i}", self.blocks[i].active_params(e, heads, hidden, side)))
-        out.update(_prefixed("norm", _ln_params(self.norm, e, side)))
+            out.update(prefixed(f"blocks.{i}", self.blocks[i].active_params(e, heads, hidden, side)))
+        out.update(prefixed("norm", ln_params(self.norm, e, side)))
         if self.num_classes > 0:
             out["head.weight"], out["head.bias"] = self.head.weight[:, se], self.head.bias
         return out
@@ -461,14 +284,14 @@ class ViTSupernet(nn.Module):
         arch = self._arch if arch is None else self.check_arch(arch)
         side = self._side if side is None else side
         scale = arch.embed_dim / self.max_embed_dim
+        cfg = self.vit_config.replace(
+            patch_size=self._tokens(arch)[0],
+            drop_rate=self.drop_rate * scale,
+            attn_drop_rate=self.attn_drop_rate * scale,
+            drop_path_rate=tuple(self.drop_path_rates[: arch.depth]),
+        )
         with torch.device("meta"):  # no random init: every tensor is assigned below
-            model = VisionTransformer.from_arch(
-                arch,
-                **{**self.model_kwargs, "patch_size": self._tokens(arch)[0]},
-                drop_rate=self.drop_rate * scale,
-                attn_drop_rate=self.attn_drop_rate * scale,
-                drop_path_rate=self.drop_path_rates[: arch.depth],
-            )
+            model = VisionTransformer(dataclasses.replace(arch, patch_size=None), cfg)
         with torch.no_grad():
             state = {
                 k: v.detach().clone(memory_format=torch.contiguous_format)

@@ -1,7 +1,19 @@
-"""Training: a model-agnostic trainer with supernet and subnet tasks, checkpoints and resume."""
+"""Training: a model-agnostic trainer, the tasks it trains (one file per method), checkpoints and resume."""
 
-from vitnas.train.checkpoint import load_model, read_checkpoint, save_checkpoint
+from vitnas.checkpoint import read_checkpoint, save_checkpoint
+from vitnas.models.spec import load_model
 from vitnas.train.config import TrainConfig
-from vitnas.train.trainer import Trainer, TrainingDiverged
+from vitnas.train.tasks import Task, register_task
+from vitnas.train.trainer import StepInfo, Trainer, TrainingDiverged
 
-__all__ = ["TrainConfig", "Trainer", "TrainingDiverged", "load_model", "read_checkpoint", "save_checkpoint"]
+__all__ = [
+    "StepInfo",
+    "Task",
+    "TrainConfig",
+    "Trainer",
+    "TrainingDiverged",
+    "load_model",
+    "read_checkpoint",
+    "register_task",
+    "save_checkpoint",
+]

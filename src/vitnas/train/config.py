@@ -10,9 +10,11 @@ from typing import Any
 from vitnas._config import check_fields, check_range
 from vitnas.space.yaml_io import load_yaml
 
-__all__ = ["TrainConfig", "TASKS", "SAMPLINGS"]
+__all__ = ["TrainConfig", "SAMPLINGS", "RETRAIN_TASKS"]
 
-TASKS = ("supernet", "subnet")
+# Task names that train one model (an arch or a registered model); "subnet" is the name configs have
+# always used for either. Other task names are checked against the task registry by the trainer.
+RETRAIN_TASKS = ("subnet", "arch", "registry")
 SAMPLINGS = ("uniform", "sandwich")
 AMP_MODES = ("auto", "off", "bf16", "fp16")
 
@@ -20,7 +22,7 @@ AMP_MODES = ("auto", "off", "bf16", "fp16")
 @dataclass
 class TrainConfig:
     # -- what to train
-    task: str = "supernet"  # supernet: train a weight-sharing supernet; subnet: train one arch
+    task: str = "supernet"  # supernet | subnet (one arch, or a registered model) | any registered training task
     space: str = "cifar"  # search space preset name or YAML path
     arch: str | None = None  # subnet task: arch YAML (ours, or an AutoFormer config's RETRAIN section)
     model: str | None = None  # subnet task: a registered model instead of an arch (`vitnas models` lists them)
@@ -40,6 +42,7 @@ class TrainConfig:
     workers: int = 2  # DataLoader workers when images stream from disk
     # -- optimization
     epochs: int = 10
+    max_steps: int | None = None  # stop (and end the lr schedule) after this many steps; null = epochs decide
     batch_size: int = 128  # per rank
     lr: float = 5e-4  # for a global batch of 512; scaled linearly by global batch / 512
     min_lr: float = 1e-5
@@ -61,9 +64,9 @@ class TrainConfig:
     log_every: int = 10  # steps between log rows
 
     def __post_init__(self) -> None:
-        self.validate("config")
+        self.check("config")
 
-    def validate(self, source: str) -> None:
+    def check(self, source: str) -> None:
         """Convert YAML strings such as '5e-4' to numbers; raise naming the key for anything else."""
         check_fields(self, source)
         for name in ("lr", "warmup_lr", "min_lr", "weight_decay", "drop_path", "warmup_epochs"):
@@ -77,20 +80,26 @@ class TrainConfig:
         check_range(source, "clip_grad", self.clip_grad, 0.0, strict_lo=True)
         for name in ("epochs", "batch_size", "ckpt_every", "log_every", "eval_every", "eval_batch_size"):
             check_range(source, name, getattr(self, name), 1)
-        if self.task not in TASKS:
-            raise ValueError(f"{source}: task={self.task!r}; expected one of {TASKS}")
+        check_range(source, "max_steps", self.max_steps, 1)
+        if not isinstance(self.task, str) or not self.task:
+            raise ValueError(f"{source}: task={self.task!r}; expected a task name such as 'supernet' or 'subnet'")
         if self.sampling not in SAMPLINGS:
             raise ValueError(f"{source}: sampling={self.sampling!r}; expected one of {SAMPLINGS}")
         if self.amp not in AMP_MODES:
             raise ValueError(f"{source}: amp={self.amp!r}; expected one of {AMP_MODES}")
-        if self.task == "subnet" and bool(self.arch) == bool(self.model):
+        if self.task in RETRAIN_TASKS and bool(self.arch) == bool(self.model):
             raise ValueError(
-                f"{source}: task 'subnet' needs exactly one of arch (an arch YAML to train) or model (a registered "
-                f"model name); got arch={self.arch!r}, model={self.model!r}"
+                f"{source}: task {self.task!r} needs exactly one of arch (an arch YAML to train) or model (a "
+                f"registered model name); got arch={self.arch!r}, model={self.model!r}"
+            )
+        if (self.task, bool(self.arch)) in (("arch", False), ("registry", True)):
+            raise ValueError(
+                f"{source}: task {self.task!r} trains {'an arch' if self.task == 'arch' else 'a model'}: "
+                f"set {'arch' if self.task == 'arch' else 'model'} (got arch={self.arch!r}, model={self.model!r})"
             )
         if self.task == "supernet" and self.model:
             raise ValueError(f"{source}: model={self.model!r} is for retrain (task 'subnet'), not supernet training")
-        if self.pretrained and (self.task != "subnet" or self.init_from):
+        if self.pretrained and (self.task not in RETRAIN_TASKS or self.init_from):
             raise ValueError(
                 f"{source}: pretrained={self.pretrained!r} initialises a retrained model or arch; it does not "
                 f"combine with supernet training or init_from"
@@ -119,7 +128,7 @@ class TrainConfig:
         for f in dataclasses.fields(cls):
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
             setattr(obj, f.name, data.get(f.name, default))
-        obj.validate(source)
+        obj.check(source)
         return obj
 
     def to_dict(self) -> dict[str, Any]:

@@ -1,0 +1,138 @@
+"""The main job, from one YAML: train the supernet (or load one), search under constraints, export the
+winner, optionally fine-tune it, and report. Every stage writes its artefact into `out_dir`, and a
+rerun continues where the last one stopped (training resumes, the search resumes per generation).
+The stages are in `vitnas.pipeline.stages`; this module runs them in order and writes the summary."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vitnas._io import atomic_write_text
+from vitnas.costs.latency import measure_latency
+from vitnas.evaluation import evaluate
+from vitnas.export import export_subnet
+from vitnas.pipeline.config import PipelineConfig
+from vitnas.pipeline.stages import Progress, Run, finetune_stage, latency_report, search_stage, supernet_stage
+from vitnas.search import Constraints, SearchConfig, pareto_front
+from vitnas.space.arch import ArchConfig
+from vitnas.train.runtime import runtime_settings
+
+__all__ = ["PipelineConfig", "Progress", "run_pipeline"]
+
+log = logging.getLogger(__name__)
+
+
+def run_pipeline(
+    cfg: PipelineConfig,
+    *,
+    device: str | torch.device | None = None,
+    progress: Progress | None = None,
+    resume: bool = True,
+) -> dict[str, Any]:
+    """Run every stage; returns the summary (also written to out_dir/summary.json). `progress(stage,
+    done, total, info)` is called as each stage advances."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError(
+            "vitnas search runs as one process; train the supernet with torchrun "
+            "(vitnas train-supernet) and pass it here with --checkpoint"
+        )
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    scfg = SearchConfig.from_dict(cfg.search, source=f"{cfg.source}: search")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    run = Run(cfg, out, device, progress, resume, scfg, Constraints.from_dict(scfg.constraints))
+    if not resume:
+        _move_aside_old_checkpoints(out)
+    # The training config's threads / deterministic settings hold for the whole run, search included.
+    with runtime_settings(cfg.train.get("threads"), bool(cfg.train.get("deterministic", False))):
+        supernet_stage(run)
+        search_stage(run)
+        return _export_stage(run)
+
+
+def _move_aside_old_checkpoints(out: Path) -> None:
+    """Start over, keeping the old checkpoints aside rather than deleting them."""
+    for stage in ("supernet", "finetune"):
+        old = out / stage / "last.safetensors"
+        if old.is_file():
+            old.replace(old.with_suffix(".safetensors.old"))
+            log.warning("moved %s aside to %s", old, old.with_suffix(".safetensors.old"))
+
+
+def _export_stage(run: Run) -> dict[str, Any]:
+    """Export the winner (inherited weights, or fine-tuned ones), measured on the test split."""
+    scfg, data = run.search, run.data
+    main = run.results[scfg.strategy]
+    best_arch = ArchConfig.from_dict(main.best["arch"])
+    model, norm, img_size = run.supernet.extract(best_arch), run.norm, run.meta["img_size"]
+    record: dict[str, Any] = {
+        "arch": best_arch.to_dict(),
+        "search": {k: main.best[k] for k in ("top1", "loss")},
+        "supernet_checkpoint": str(run.ckpt),
+        "classes": data.classes,
+        "norm": norm.to_dict(),
+    }
+    finetune_top1 = None
+    if run.cfg.finetune_epochs > 0:
+        ft = finetune_stage(run, run.out / "search" / scfg.strategy / "best.yaml")
+        model, norm, img_size = ft.model.eval(), ft.aug_cfg, ft.img_size
+        finetune_top1 = ft.history[-1]["val_top1"] if ft.history else None
+        record["finetune"] = {"epochs": run.cfg.finetune_epochs, "val_top1": finetune_top1}
+    model = model.eval().to(run.device)
+    test = evaluate(model, data.test, img_size=img_size, norm=norm, device=run.device)  # reported, never ranked on
+    record["test_top1"] = test["top1"]
+    h, w = model.config["img_size"]
+    batches = {1, scfg.latency_batch}
+    latency = {b: measure_latency(model, torch.randn(b, 3, h, w, device=run.device)) for b in batches}
+    export_dir = export_subnet(model.cpu(), run.out / "export", extra=record, onnx=run.cfg.onnx)
+    best = {
+        "arch": best_arch.key(),
+        "params": run.supernet.num_params(best_arch),
+        "macs": run.supernet.num_macs(best_arch),
+        "latency_ms": latency[scfg.latency_batch],
+        "latency_ms_by_batch": latency,
+        "latency_device": str(run.device),
+        "val_top1_inherited": main.best["top1"],
+        "val_top1_finetuned": finetune_top1,
+        "test_top1": test["top1"],
+    }
+    return _write_summary(run, best, export_dir)
+
+
+def _write_summary(run: Run, best: dict[str, Any], export_dir: Path) -> dict[str, Any]:
+    main = run.results[run.search.strategy]
+    history = run.meta.get("history") or [{}]
+    front = pareto_front(main.candidates, "params")
+    summary = {
+        "data": run.data.summary(),
+        "space": run.supernet.space.name,
+        "space_size": run.supernet.space.size(),
+        "supernet_checkpoint": str(run.ckpt),
+        "supernet_val_top1": {k: v for k, v in history[-1].items() if k.startswith("val_top1")},
+        "constraints": run.constraints.to_dict(),
+        "feasible_ranges": run.ranges,
+        "strategies": {
+            n: {
+                "evaluations": len(r.candidates),
+                "best_top1": r.best["top1"] if r.best else None,
+                "best_per_generation": r.best_per_generation,
+            }
+            for n, r in run.results.items()
+        },
+        "best": best,
+        "pareto_front": [
+            {"arch": r["key"], "top1": r["top1"], "params": r["params"], "macs": r["macs"]} for r in front
+        ],
+        "latency_table": latency_report(run),
+        "export": str(export_dir),
+        "plots": [str(p) for p in run.plots],
+        "seconds": run.timings,
+    }
+    atomic_write_text(run.out / "summary.json", json.dumps(summary, indent=1, default=str))
+    return summary

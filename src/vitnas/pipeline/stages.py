@@ -1,0 +1,206 @@
+"""The pipeline's stages, each reading the previous stage's artefact and writing its own under out_dir:
+supernet (train or load), search (under constraints, with a random baseline), finetune, export."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from vitnas.checkpoint import read_metadata
+from vitnas.costs.latency import LatencyTable
+from vitnas.data import AugmentConfig, ImageData, load_data_of
+from vitnas.models.spec import load_model
+from vitnas.pipeline.config import PipelineConfig
+from vitnas.report import plot_candidates, plot_progress
+from vitnas.search import Constraints, SearchConfig, build_strategy, pareto_front, run_search
+from vitnas.search.evaluator import SupernetEvaluator
+from vitnas.space.arch import ArchConfig
+from vitnas.train import StepInfo, TrainConfig, Trainer
+
+__all__ = ["Progress", "Run", "finetune_stage", "search_stage", "supernet_stage"]
+
+log = logging.getLogger(__name__)
+
+# progress(stage, done, total, info): one bar per stage name; `info` holds e.g. epoch and loss.
+Progress = Callable[[str, int, int, dict[str, Any]], None]
+
+
+@dataclass
+class Run:
+    """What the stages hand on to each other."""
+
+    cfg: PipelineConfig
+    out: Path
+    device: torch.device
+    progress: Progress | None
+    resume: bool
+    search: SearchConfig
+    constraints: Constraints
+    timings: dict[str, float] = field(default_factory=dict)
+    # supernet stage
+    ckpt: Path | None = None
+    supernet: nn.Module | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+    data: ImageData | None = None
+    norm: AugmentConfig | None = None
+    # search stage
+    costs: dict[str, Callable[[ArchConfig], float]] = field(default_factory=dict)
+    lut: LatencyTable | None = None
+    ranges: dict[str, Any] = field(default_factory=dict)
+    results: dict[str, Any] = field(default_factory=dict)
+    plots: list[Path] = field(default_factory=list)
+
+    def step_progress(self, stage: str) -> Callable[[StepInfo], None] | None:
+        """A trainer progress callback reporting under `stage`."""
+        if self.progress is None:
+            return None
+        report = self.progress
+        return lambda info: report(stage, info.step, info.total, {"epoch": info.epoch, "loss": info.loss})
+
+
+def train_or_continue(trainer: Trainer) -> None:
+    """Fit, or when out_dir holds this run's finished checkpoint, load it (refusing other settings)."""
+    if trainer.is_finished():
+        trainer.load(trainer.ckpt_path)
+    else:
+        trainer.fit()
+
+
+def supernet_stage(run: Run) -> None:
+    """Train the supernet (resuming) or load the given one; its data split comes with it."""
+    t = time.perf_counter()
+    cfg = run.cfg
+    run.ckpt = Path(cfg.checkpoint) if cfg.checkpoint else run.out / "supernet" / "last.safetensors"
+    data = None
+    if not cfg.checkpoint:
+        train_cfg = TrainConfig.from_dict(
+            {**cfg.train, "task": "supernet", "out_dir": str(run.out / "supernet")}, source=f"{cfg.source}: train"
+        )
+        trainer = Trainer(train_cfg, resume=True, progress=run.step_progress("train supernet"), device=run.device)
+        train_or_continue(trainer)
+        data = trainer.data
+    if read_metadata(run.ckpt)["model"]["kind"] != "supernet":
+        raise ValueError(f"{run.ckpt}: checkpoint must hold a supernet, this one holds a single model")
+    supernet, run.meta = load_model(run.ckpt)
+    run.supernet = supernet.to(run.device)
+    run.data = data or load_data_of(run.meta, source=str(run.ckpt))
+    run.norm = AugmentConfig.from_dict(run.meta["norm"])
+    run.timings["supernet"] = time.perf_counter() - t
+
+
+def _costs(run: Run) -> None:
+    supernet, scfg = run.supernet, run.search
+    run.costs = {"params": supernet.num_params, "macs": supernet.num_macs}
+    if "latency_ms" in run.constraints.windows or scfg.cost == "latency_ms":
+        run.lut = LatencyTable.build(supernet.space, supernet.vit_config, batch=scfg.latency_batch, device=run.device)
+        run.costs["latency_ms"] = run.lut.predict
+    run.ranges = run.constraints.check_feasible(supernet.space, run.costs)
+
+
+def search_stage(run: Run) -> None:
+    """Costs and constraints, then the search and (at equal budget) the random baseline; plots."""
+    t = time.perf_counter()
+    _costs(run)
+    scfg, space, tcfg = run.search, run.supernet.space, run.meta["config"]
+    evaluator = SupernetEvaluator(
+        run.supernet,
+        run.data.val,
+        img_size=run.meta["img_size"],
+        norm=run.norm,
+        batch_size=scfg.batch_size,
+        device=run.device,
+        bilateral=bool(tcfg.get("bilateral", False)) or space.bilateral,
+    )
+    memo: dict[str, dict[str, float]] = {}  # the baseline reuses scores of archs the main search evaluated
+
+    def evaluate_once(arch: ArchConfig) -> dict[str, float]:
+        if arch.key() not in memo:
+            memo[arch.key()] = evaluator(arch)
+        return memo[arch.key()]
+
+    def feasible(arch: ArchConfig) -> bool:
+        return run.constraints.satisfied({name: run.costs[name](arch) for name in run.constraints.windows})
+
+    identity = {**scfg.to_dict(), "supernet": str(run.ckpt), "supernet_step": run.meta["step"]}
+    names = [scfg.strategy] + (["random"] if run.cfg.baseline and scfg.strategy != "random" else [])
+    for name in names:
+        strategy = build_strategy(name, space, feasible=feasible, cost=run.costs[scfg.cost], **scfg.strategy_kwargs())
+        run.results[name] = run_search(
+            strategy,
+            evaluate_once,
+            costs=run.costs,
+            constraints=run.constraints,
+            out_dir=run.out / "search" / name,
+            cost=scfg.cost,
+            resume=run.resume,
+            progress=_search_progress(run, f"search ({name})"),
+            config=identity,
+        )
+    run.timings["search"] = time.perf_counter() - t
+    if run.results[scfg.strategy].best is None:
+        raise RuntimeError("the search evaluated no candidate")
+    _plots(run)
+
+
+def _search_progress(run: Run, stage: str) -> Callable[[int, int, dict], None] | None:
+    if run.progress is None:
+        return None
+    report, population = run.progress, run.search.population
+    budget = population * run.search.generations
+    return lambda gen, i, row: report(stage, gen * population + i + 1, budget, {})
+
+
+def _plots(run: Run) -> None:
+    main = run.results[run.search.strategy]
+    fronts = {c: pareto_front(main.candidates, c) for c in ("params", "macs")}
+    title = f"{run.search.strategy} search on {run.data.name}: validation top-1 vs cost"
+    run.plots = [
+        plot_candidates(main.candidates, fronts, run.out / "candidates.png", title=title),
+        plot_progress(
+            {n: r.best_per_generation for n, r in run.results.items()},
+            run.out / "progress.png",
+            title="best candidate so far",
+        ),
+    ]
+
+
+def finetune_stage(run: Run, arch_path: Path) -> Trainer:
+    """Fine-tune the winner from its inherited weights on the supernet's data split and settings."""
+    t = time.perf_counter()
+    cfg = run.cfg
+    base = {k: v for k, v in run.meta["config"].items() if k not in ("task", "out_dir", "arch", "init_from")}
+    ft_cfg = TrainConfig.from_dict(
+        {
+            **base,
+            "epochs": cfg.finetune_epochs,
+            "warmup_epochs": 0.0,
+            **cfg.finetune,
+            "task": "subnet",
+            "arch": str(arch_path),
+            "init_from": str(run.ckpt),
+            "out_dir": str(run.out / "finetune"),
+        },
+        source=f"{cfg.source}: finetune",
+    )
+    ft = Trainer(ft_cfg, data=run.data, resume=True, progress=run.step_progress("fine-tune"), device=run.device)
+    train_or_continue(ft)
+    run.timings["finetune"] = time.perf_counter() - t
+    return ft
+
+
+def latency_report(run: Run) -> dict[str, Any] | None:
+    """How well the latency table predicted measured latency, on a few sampled archs."""
+    if run.lut is None or run.cfg.latency_check <= 0:
+        return None
+    rng = np.random.default_rng(0)
+    space = run.supernet.space
+    archs = [space.sample(rng) for _ in range(run.cfg.latency_check)]
+    return run.lut.error_report(run.supernet, archs, batch=run.search.latency_batch, device=run.device)

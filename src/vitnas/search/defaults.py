@@ -1,0 +1,38 @@
+"""Search defaults, defined once: strategies, the search loop, the evaluator and `SearchConfig` use these.
+
+AutoFormer's mutation probabilities belong to `SearchSpace.mutate` (`vitnas.space.space`, the layer
+below) and are re-exported here, so every search default can be read in one place.
+"""
+
+from __future__ import annotations
+
+from vitnas.space.space import DEPTH_PROB, EMBED_PROB, LAYER_PROB
+
+__all__ = [
+    "COST",
+    "CROSSOVERS",
+    "DEPTH_PROB",
+    "EMBED_PROB",
+    "EVAL_BATCH",
+    "GENERATIONS",
+    "LATENCY_BATCH",
+    "LAYER_PROB",
+    "MAX_TRIES",
+    "MUTATIONS",
+    "PARENTS",
+    "POPULATION",
+    "SEED",
+    "STRATEGY",
+]
+
+STRATEGY = "evolution"
+POPULATION = 50  # candidates per generation
+GENERATIONS = 20
+PARENTS = 10  # evolution: top candidates kept as parents
+MUTATIONS = 25  # evolution: mutants per generation
+CROSSOVERS = 25  # evolution: crossover children per generation
+SEED = 0
+MAX_TRIES = 5000  # random draws per generation before giving up on finding new feasible archs
+COST = "params"  # the cost of the Pareto front (and NSGA-II's second objective)
+EVAL_BATCH = 256  # evaluation batch size
+LATENCY_BATCH = 1  # batch size at which latency is measured / predicted

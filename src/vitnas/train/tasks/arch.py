@@ -1,0 +1,92 @@
+"""Train one architecture of a search space: from scratch, or fine-tuned from the weights it inherits
+from a supernet checkpoint (`init_from`), on that supernet's data split and normalization."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from torch import nn
+
+from vitnas.checkpoint import read_metadata
+from vitnas.models.spec import load_model
+from vitnas.models.vit import VisionTransformer
+from vitnas.space.arch import ArchConfig
+from vitnas.space.space import SearchSpace
+from vitnas.train.tasks.base import Task, TaskContext, register_task
+from vitnas.train.tasks.supernet import load_space
+
+__all__ = ["ArchTask"]
+
+log = logging.getLogger(__name__)
+
+# Settings a fine-tune must share with its supernet, or the training split would hold validation images.
+SPLIT_KEYS = ("data_path", "seed", "val_per_class")
+
+
+@register_task("arch")
+class ArchTask(Task):
+    resume_keys = ("space", "arch", "init_from", "pretrained")
+
+    def __init__(self, cfg: Any) -> None:
+        super().__init__(cfg)
+        self.arch = ArchConfig.from_yaml(cfg.arch)
+        self.parent = read_metadata(cfg.init_from) if cfg.init_from else None
+        if self.parent is None:
+            self.space = load_space(cfg.space)
+            return
+        if self.parent["model"]["kind"] != "supernet":
+            raise ValueError(
+                f"{cfg.init_from}: init_from must be a supernet checkpoint, this one holds a "
+                f"{self.parent['model']['kind']} model"
+            )
+        for key in SPLIT_KEYS:
+            if self.parent["config"][key] != getattr(cfg, key):
+                raise ValueError(
+                    f"{cfg.init_from}: the supernet was trained with {key}={self.parent['config'][key]!r}, this "
+                    f"run has {key}={getattr(cfg, key)!r}; they must match, or the training split would "
+                    f"contain the validation images the search ranked on"
+                )
+        self.space = SearchSpace(**self.parent["model"]["space"])
+
+    def img_size(self) -> int:
+        if self.parent is not None:
+            return self.parent["img_size"]
+        return self.cfg.img_size or self.space.img_size
+
+    def norm_override(self) -> dict[str, Any]:
+        if self.parent is None:
+            return {}
+        return {"mean": self.parent["norm"]["mean"], "std": self.parent["norm"]["std"]}
+
+    def prepare_data(self, data: Any) -> None:
+        if self.parent is not None and self.parent["classes"] != data.classes:
+            raise ValueError(
+                f"{self.cfg.init_from}: trained on classes {self.parent['classes']}, the data has {data.classes}"
+            )
+
+    def build_model(self, ctx: TaskContext, num_classes: int) -> nn.Module:
+        cfg, arch = self.cfg, self.arch
+        if cfg.init_from:
+            supernet, _ = load_model(cfg.init_from)
+            if supernet.num_classes != num_classes:
+                raise ValueError(
+                    f"{cfg.init_from}: supernet has {supernet.num_classes} classes, the data {num_classes}"
+                )
+            depth = supernet.max_depth
+            supernet.drop_path_rates = [cfg.drop_path * i / max(depth - 1, 1) for i in range(depth)]
+            log.info("inheriting %s from %s", arch.key(), cfg.init_from)
+            return supernet.extract(arch).train()
+        space = self.space
+        return VisionTransformer.from_arch(
+            arch,
+            img_size=self.img_size(),
+            patch_size=space.patch_size,
+            num_classes=num_classes,
+            head_dim=space.head_dim,
+            rel_pos_max=space.rel_pos_max,
+            drop_path_rate=cfg.drop_path,
+        )
+
+    def checkpoint_meta(self) -> dict[str, Any]:
+        return {"arch": self.model.arch.to_dict()}
