@@ -147,13 +147,25 @@ def test_cifar_folder_layout():
     assert images.shape == (64, 3, 32, 32)
 
 
-def test_non_image_file_is_named(tmp_path):
+def test_non_image_files_are_skipped_and_counted_but_broken_images_are_named(tmp_path, caplog):
     make_folder(tmp_path, "train", {"cat": 3, "dog": 3})
     make_folder(tmp_path, "test", {"cat": 1, "dog": 1})
     (tmp_path / "train" / "cat" / "notes.txt").write_text("labels are hard")
+    (tmp_path / "train" / "dog" / "labels.csv").write_text("a,b")
     (tmp_path / "train" / "cat" / "Thumbs.db").write_bytes(b"\0\0")  # OS litter is ignored
-    with pytest.raises(DataError, match=r"cat/notes.txt: not a readable image"):
-        load_data(tmp_path, val_per_class=1, cache_dir=tmp_path / "c")
+    with caplog.at_level("WARNING"):
+        data = load_data(tmp_path, val_per_class=1, cache_dir=tmp_path / "c")
+    assert len(data.train) + len(data.val) == 6
+    assert "skipped 2 files that are not images by their extension" in caplog.text
+    index = scan_image_folder(tmp_path, "train")
+    assert sorted(Path(p).name for p in index.not_images) == ["labels.csv", "notes.txt"]
+    (tmp_path / "train" / "cat" / "broken.jpg").write_text("not a jpeg")  # claims to be an image: an error
+    with pytest.raises(DataError, match=r"cat/broken.jpg: not a readable image"):
+        load_data(tmp_path, val_per_class=1, cache_dir=tmp_path / "c2")
+    (tmp_path / "train" / "empty").mkdir()
+    (tmp_path / "train" / "empty" / "readme.md").write_text("x")
+    with pytest.raises(DataError, match=r"empty: no image files"):
+        scan_image_folder(tmp_path, "train")
 
 
 def test_digits_test_split_does_not_depend_on_the_seed():

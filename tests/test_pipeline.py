@@ -67,6 +67,29 @@ def test_pipeline_end_to_end(tmp_path, capsys, monkeypatch):
     assert summary["latency_table"]["n"] == 2
     model = load_subnet(run / "export")
     assert model.num_classes == 10
+    # The exported weights are the fine-tune's best checkpoint only when it beat the inherited weights.
+    best, n_val = summary["best"], summary["val_images"]
+    import torch
+
+    from vitnas.models.spec import load_model
+    from vitnas.report import top1_standard_error
+
+    x = torch.randn(2, 3, 16, 16)
+    if best["exported_weights"].startswith("fine-tuned"):
+        ft_meta = json.loads((run / "export" / "config.json").read_text())["finetune"]["best"]
+        assert ft_meta["value"] > best["val_top1_inherited"]
+        want, _ = load_model(run / "finetune" / "best.safetensors")
+    else:
+        assert best["exported_weights"].startswith("inherited")
+        supernet, _ = load_model(run / "supernet" / "last.safetensors")
+        want = supernet.extract(vitnas_arch(run)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), want(x), atol=0, rtol=0)
+    # Noise is reported: the standard error on the validation images, and the supernet's test top-1.
+    evo = summary["strategies"]["evolution"]
+    assert evo["best_top1_standard_error"] == pytest.approx(top1_standard_error(evo["best_top1"], n_val))
+    assert n_val == 200 and set(summary["supernet_test_top1"]) == {"largest", "smallest"}
+    assert "+- s.e." in out and "one image is 0.50 points" in out and "exported weights:" in out
     # A rerun continues: training and search are complete, nothing is recomputed.
     from vitnas.search.evaluator import SupernetEvaluator
     from vitnas.train import Trainer
@@ -91,6 +114,33 @@ def test_pipeline_end_to_end(tmp_path, capsys, monkeypatch):
     assert (run / "search/evolution/candidates.jsonl").read_text() == lines
     assert again["best"]["arch"] == summary["best"]["arch"]
     assert again["strategies"] == summary["strategies"]
+
+
+def vitnas_arch(run):
+    from vitnas import ArchConfig
+
+    return ArchConfig.from_yaml(run / "export" / "arch.yaml")
+
+
+def test_choose_weights_exports_a_fine_tune_only_when_it_beats_the_inherited_weights():
+    from vitnas.pipeline import choose_weights
+
+    assert choose_weights(74.0, {"value": 70.5, "epoch": 3, "step": 30}) == (
+        False,
+        "inherited from the supernet (val 74.00%; the fine-tune peaked at 70.50%)",
+    )
+    assert choose_weights(74.0, {"value": 74.0, "epoch": 1, "step": 10})[0] is False  # a tie keeps inheritance
+    use, why = choose_weights(74.0, {"value": 76.5, "epoch": 2, "step": 20})
+    assert use and why == "fine-tuned, best epoch 2 (val 76.50% > 74.00% inherited)"
+    assert choose_weights(74.0, None)[0] is False
+
+
+def test_standard_error_of_top1():
+    from vitnas.report import top1_standard_error
+
+    assert top1_standard_error(50.0, 100) == pytest.approx(5.0)  # sqrt(.5 * .5 / 100) = 5 points
+    assert top1_standard_error(90.0, 200) == pytest.approx(100 * (0.9 * 0.1 / 200) ** 0.5)
+    assert top1_standard_error(100.0, 50) == 0.0
 
 
 def test_pipeline_config_errors(tmp_path):

@@ -183,3 +183,24 @@ def test_space_does_not_import_torch():
         assert 'torch' not in sys.modules, 'vitnas.space imported torch'
     """)
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_readme_space_yaml_example_loads_and_builds(tmp_path):
+    """The README's search-space example is a working space: it loads, has the size it says and runs."""
+    import re
+    from pathlib import Path
+
+    import torch
+
+    from vitnas import ViTSupernet
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.search(r"### Your own search space.*?```yaml\n(.*?)```", readme, re.S)
+    assert block, "README lost its search-space YAML example"
+    (tmp_path / "my-space.yaml").write_text(block.group(1))
+    space = SearchSpace.from_yaml(tmp_path / "my-space.yaml")
+    assert space.name == "my-space" and space.size() == 4032 and "4,032 archs" in block.group(1)
+    assert space.max_embed_dim == 128 and space.max_depth == 5  # max_* default to the largest choices
+    net = ViTSupernet(space, num_classes=10).eval()
+    with torch.no_grad(), net.active(space.sample(np.random.default_rng(0))):
+        assert net(torch.randn(2, 3, 32, 32)).shape == (2, 10)

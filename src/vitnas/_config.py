@@ -77,3 +77,22 @@ def check_range(
         raise ValueError(f"{source}: {name} must be {'>' if strict_lo else '>='} {lo:g}, got {value!r}")
     if hi is not None and value > hi:
         raise ValueError(f"{source}: {name} must be <= {hi:g}, got {value!r}")
+
+
+def field_help(cls: type) -> dict[str, str]:
+    """Each dataclass field's trailing `# comment` in the class source, for --help texts; a field with
+    no comment gets its default."""
+    import inspect
+    import re
+
+    comments = {}
+    for line in inspect.getsource(cls).splitlines():
+        m = re.match(r"\s+(\w+): [^=]+=.*?#\s*(.+)$", line)
+        if m:
+            comments[m.group(1)] = m.group(2).strip()
+    out = {}
+    for f in dataclasses.fields(cls):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        text = comments.get(f.name, "")
+        out[f.name] = f"{text} (default: {default!r})" if text else f"default: {default!r}"
+    return out

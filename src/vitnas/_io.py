@@ -54,3 +54,13 @@ def atomic_save_safetensors(tensors: dict, path: str | Path, metadata: dict[str,
 
     with atomic_path(path) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+
+
+def corrupt_file_error(path: str | Path, err: Exception) -> ValueError:
+    """The error for a safetensors file that cannot be parsed: usually a copy or download cut short."""
+    path = Path(path)
+    size = path.stat().st_size if path.is_file() else 0
+    return ValueError(
+        f"{path}: truncated or corrupt ({size:,} bytes; not a complete safetensors file). Copy it again or use "
+        f"another file. (safetensors said: {err})"
+    )

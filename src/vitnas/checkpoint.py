@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from vitnas._io import atomic_save_safetensors
+from vitnas._io import atomic_save_safetensors, corrupt_file_error
 
 __all__ = ["FORMAT", "optimizer_state", "read_checkpoint", "read_metadata", "save_checkpoint"]
 
@@ -89,8 +89,10 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
         raise ValueError(
             f"{path}: missing key 'vitnas' in the safetensors metadata (not a vitnas checkpoint)"
         ) from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: the 'vitnas' metadata is not valid JSON ({err})") from None
     except Exception as err:
-        raise ValueError(f"{path}: not a readable vitnas checkpoint: {err}") from None
+        raise corrupt_file_error(path, err) from None
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path}: checkpoint format {meta.get('format')!r}, expected {FORMAT!r}")
     return meta
@@ -117,7 +119,7 @@ def read_checkpoint(
                 else:
                     groups.setdefault(group, {})[rest] = f.get_tensor(key)
     except Exception as err:
-        raise ValueError(f"{path}: not a readable safetensors checkpoint: {err}") from None
+        raise corrupt_file_error(path, err) from None
     return groups, meta
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vitnas.report import table
+from vitnas.report import summary_text, table
 from vitnas.space import ArchConfig, SearchSpace
 
 log = logging.getLogger("vitnas")
@@ -99,45 +98,8 @@ def _run_pipeline(cfg, fresh: bool) -> int:
     s = run_pipeline(cfg, progress=progress, resume=not fresh)
     for bar in bars.values():
         bar.close()
-    b = s["best"]
     print()
-    print(s["data"])
-    sv = s["supernet_val_top1"]
-    print(
-        f"supernet ({s['space']} space, {s['space_size']:.2e} archs): validation top-1 "
-        + ", ".join(f"{k.removeprefix('val_top1_')} {v:.1f}%" for k, v in sv.items())
-    )
-    rows = [[name, r["evaluations"], r["best_top1"]] for name, r in s["strategies"].items()]
-    print("\nsearch (validation top-1 with inherited weights, constraints " + json.dumps(s["constraints"]) + ")")
-    print(table(rows, ["strategy", "candidates", "best top-1 %"]))
-    print("\nPareto front (accuracy vs parameters)")
-    print(
-        table(
-            [[r["arch"], f"{r['params'] / 1e3:.0f}k", f"{r['macs'] / 1e6:.1f}M", r["top1"]] for r in s["pareto_front"]],
-            ["arch", "params", "MACs", "val top-1 %"],
-        )
-    )
-    print("\nbest subnet")
-    ft = b["val_top1_finetuned"]
-    print(
-        table(
-            [
-                [
-                    b["arch"],
-                    f"{b['params'] / 1e3:.0f}k",
-                    f"{b['macs'] / 1e6:.1f}M",
-                    f"{b['latency_ms']:.2f}",
-                    b["val_top1_inherited"],
-                    "-" if ft is None else ft,
-                    b["test_top1"],
-                ]
-            ],
-            ["arch", "params", "MACs", "latency ms", "val (inherited)", "val (fine-tuned)", "test top-1 %"],
-        )
-    )
-    if s.get("latency_table"):
-        lt = s["latency_table"]
-        print(f"latency table: mean error {100 * lt['mean_abs_rel_error']:.1f}% over {lt['n']} archs")
+    print(summary_text(s))
     print(
         f"\nexported to {s['export']} (model.safetensors, arch.yaml, config.json"
         f"{', model.onnx' if cfg.onnx else ''}); plots: {', '.join(s['plots'])}"
@@ -168,6 +130,15 @@ def cmd_search(args: argparse.Namespace) -> int:
     return _run_pipeline(cfg, args.fresh)
 
 
+def _arch_in_space(path: str, space: SearchSpace) -> ArchConfig:
+    """The arch YAML at `path`, which must lie in `space` (the error names dimension, value, choices)."""
+    arch = ArchConfig.from_yaml(path)
+    try:
+        return space.check_arch(arch)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from vitnas.export import export_subnet, model_name
     from vitnas.models.spec import load_model
@@ -177,7 +148,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if kind == "supernet":
         if not args.arch:
             raise ValueError(f"{args.checkpoint} holds a supernet: pass --arch (e.g. a search's best.yaml)")
-        model = model.extract(ArchConfig.from_yaml(args.arch))
+        model = model.extract(_arch_in_space(args.arch, model.space))
     elif args.arch and (kind != "vit" or ArchConfig.from_yaml(args.arch) != model.arch):
         raise ValueError(f"{args.checkpoint} holds {model_name(model)}, not the arch in {args.arch}")
     extra = {"source": str(args.checkpoint), "classes": meta.get("classes"), "norm": meta.get("norm")}
@@ -214,10 +185,7 @@ def cmd_costs(args: argparse.Namespace) -> int:
     from vitnas.models.config import ViTConfig
 
     space = _space_from_args(args)
-    arch = ArchConfig.from_yaml(args.arch)
-    problems = space.capacity_violations(arch)
-    if problems:
-        print(f"warning: {args.arch}: {problems[0]}", file=sys.stderr)
+    arch = _arch_in_space(args.arch, space)
     costs = ViTCostModel.from_config(
         ViTConfig.from_space(space, img_size=args.img_size or None, num_classes=args.num_classes)
     )
@@ -229,22 +197,24 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
     """One flag per TrainConfig field (`--batch-size 64`, `--no-inplace-distill`, `--augment mixup=0`)."""
     import dataclasses
 
+    from vitnas._config import field_help
     from vitnas.train.config import TrainConfig
 
     p.add_argument("--config", help="training config YAML; flags override its values")
     p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/last.safetensors if present")
+    helps = field_help(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         if f.name == "task":
             continue
         flag = "--" + f.name.replace("_", "-")
-        kind = str(f.type)
+        kind, text = str(f.type), helps[f.name].replace("%", "%%")
         if f.name == "augment":
-            p.add_argument(flag, action="append", metavar="KEY=VALUE", help="override a recipe field")
+            p.add_argument(flag, action="append", metavar="KEY=VALUE", help=f"override a recipe field; {text}")
         elif kind == "bool":
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
         else:
             conv = int if kind.startswith("int") else float if kind.startswith("float") else str
-            p.add_argument(flag, type=conv, default=None, metavar=f.name.upper())
+            p.add_argument(flag, type=conv, default=None, metavar=f.name.upper(), help=text)
 
 
 def _train_config(args: argparse.Namespace, task: str):
@@ -302,7 +272,8 @@ def _run_training(args: argparse.Namespace, task: str) -> int:
         print(trainer.data.summary())
         print(
             f"{task}: {sum(p.numel() for p in trainer.model.parameters()) / 1e6:.2f}M parameters, "
-            f"{trainer.total_steps} steps, writing to {cfg.out_dir}"
+            f"{trainer.total_steps} steps, peak lr {trainer.base_lr:.3g} (= lr {cfg.lr:g} x global batch "
+            f"{cfg.batch_size * trainer.dist.world} / 512), writing to {cfg.out_dir}"
         )
     result = trainer.fit()
     if bar is not None:
@@ -334,7 +305,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     split = getattr(data, args.split)
     if meta["model"]["kind"] == "supernet":
         archs = (
-            [("arch", ArchConfig.from_yaml(args.arch))]
+            [("arch", _arch_in_space(args.arch, model.space))]
             if args.arch
             else [("largest", model.space.largest()), ("smallest", model.space.smallest())]
         )
@@ -365,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     def add_space_args(p: argparse.ArgumentParser, default: str) -> None:
         p.add_argument("--space", default=default, choices=SearchSpace.presets(), help="search space preset")
         p.add_argument("--space-yaml", help="search space YAML (ours or AutoFormer's); overrides --space")
-        p.add_argument("--num-classes", type=int, default=1000)
+        p.add_argument("--num-classes", type=int, default=1000, help="classifier outputs (default: 1000)")
 
     demo = sub.add_parser("demo", help="the whole pipeline on the embedded digits (train, search, export, report)")
     demo.add_argument("--out-dir", help="default: runs/demo")
@@ -374,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     search = sub.add_parser("search", help="train a supernet (or load one), search, export, fine-tune, report")
     search.add_argument("--config", required=True, help="pipeline YAML (see src/vitnas/configs/demo.yaml)")
-    search.add_argument("--out-dir")
+    search.add_argument("--out-dir", help="where every stage writes (default: the config's out_dir)")
     search.add_argument("--checkpoint", help="a trained supernet checkpoint (skips training)")
     search.add_argument("--fresh", action="store_true", help="start over instead of continuing a previous run")
     search.set_defaults(func=cmd_search)
@@ -388,14 +359,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     space = sub.add_parser("space", help="a space's supernet: sample subnets, show their costs, run a forward")
     add_space_args(space, "autoformer-tiny")
-    space.add_argument("--samples", type=int, default=5)
-    space.add_argument("--seed", type=int, default=0)
+    space.add_argument("--samples", type=int, default=5, help="random subnets to show (default: 5)")
+    space.add_argument("--seed", type=int, default=0, help="seed of the sampled subnets and weights (default: 0)")
     space.set_defaults(func=cmd_space)
 
     costs = sub.add_parser("costs", help="parameters and MACs of an arch YAML")
     add_space_args(costs, "autoformer-tiny")
     costs.add_argument("arch", help="arch YAML (ours, or an AutoFormer subnet config)")
-    costs.add_argument("--img-size", type=int)
+    costs.add_argument("--img-size", type=int, help="input resolution (default: the space's img_size)")
     costs.set_defaults(func=cmd_costs)
 
     ts = sub.add_parser("train-supernet", help="train a weight-sharing supernet")
@@ -403,7 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     ts.set_defaults(func=cmd_train_supernet)
     md = sub.add_parser("models", help="list the registered models (for retrain --model) and their sizes")
     md.add_argument("pattern", nargs="?", default="*", help="shell-style filter, e.g. 'efficientvit*'")
-    md.add_argument("--num-classes", type=int, default=1000)
+    md.add_argument("--num-classes", type=int, default=1000, help="classifier outputs (default: 1000)")
     md.add_argument("--macs", action="store_true", help="also count MACs at the model's input size")
     md.set_defaults(func=cmd_models)
     rt = sub.add_parser(
@@ -415,11 +386,13 @@ def build_parser() -> argparse.ArgumentParser:
     rt.set_defaults(func=cmd_retrain)
 
     ev = sub.add_parser("evaluate", help="top-1 and loss of a checkpoint on the validation or test split")
-    ev.add_argument("checkpoint")
-    ev.add_argument("--split", default="val", choices=["val", "test"])
+    ev.add_argument("checkpoint", help="a training checkpoint (last.safetensors)")
+    ev.add_argument(
+        "--split", default="val", choices=["val", "test"], help="held-out validation images or the test split"
+    )
     ev.add_argument("--arch", help="supernet checkpoints: evaluate this arch YAML (default: largest and smallest)")
     ev.add_argument("--data-path", help="default: the data the checkpoint was trained on")
-    ev.add_argument("--batch-size", type=int, default=256)
+    ev.add_argument("--batch-size", type=int, default=256, help="evaluation batch size (default: 256)")
     ev.add_argument("--ema", action="store_true", help="use the EMA weights")
     ev.set_defaults(func=cmd_evaluate)
     return parser

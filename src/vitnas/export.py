@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vitnas._io import atomic_save_safetensors, atomic_write_text
+from vitnas._io import atomic_save_safetensors, atomic_write_text, corrupt_file_error
 from vitnas.costs.macs import model_input_size
 from vitnas.models.spec import build, export_spec, spec_of
 from vitnas.models.vit import VisionTransformer
@@ -69,10 +69,19 @@ def load_subnet(folder: str | Path) -> nn.Module:
         raise FileNotFoundError(f"{cfg_path}: missing (not an exported vitnas subnet folder)")
     spec = export_spec(json.loads(cfg_path.read_text()), source=str(cfg_path))
     model = build(spec, meta_device=True, source=str(cfg_path))
+    weights_path = folder / "model.safetensors"
     try:
-        model.load_state_dict(load_file(folder / "model.safetensors"), strict=True, assign=True)
-    except (RuntimeError, FileNotFoundError) as err:
-        raise ValueError(f"{folder / 'model.safetensors'}: does not match {cfg_path}: {err}") from None
+        weights = load_file(weights_path)
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"{weights_path}: missing (the folder's config.json has no weights beside it)"
+        ) from None
+    except Exception as err:
+        raise corrupt_file_error(weights_path, err) from None
+    try:
+        model.load_state_dict(weights, strict=True, assign=True)
+    except RuntimeError as err:
+        raise ValueError(f"{weights_path}: does not match {cfg_path}: {err}") from None
     return model.eval()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -9,7 +10,7 @@ from typing import Any
 
 from vitnas._io import atomic_path
 
-__all__ = ["plot_candidates", "plot_progress", "table"]
+__all__ = ["plot_candidates", "plot_progress", "summary_text", "table", "top1_standard_error"]
 
 UNITS = {"params": "parameters", "macs": "MACs", "latency_ms": "latency"}
 
@@ -90,14 +91,39 @@ def plot_candidates(
     return _save(plt, fig, path)
 
 
-def plot_progress(curves: Mapping[str, Sequence[float]], path: str | Path, *, title: str = "") -> Path:
-    """Best validation top-1 so far per generation, one line per strategy (e.g. evolution vs random)."""
+def top1_standard_error(top1: float, n: int) -> float:
+    """Standard error (percentage points) of a top-1 accuracy measured on `n` images: sqrt(p(1-p)/n).
+    Two searches whose best scores differ by less than about twice this are not told apart by the data."""
+    p = min(max(top1 / 100.0, 0.0), 1.0)
+    return 100.0 * math.sqrt(p * (1.0 - p) / max(n, 1))
+
+
+def plot_progress(
+    curves: Mapping[str, Sequence[float]], path: str | Path, *, title: str = "", val_images: int | None = None
+) -> Path:
+    """Best validation top-1 so far per generation (numbered from 0, as the log does), one line per
+    strategy; with `val_images`, a band of +-1 standard error of each score on that many images, and a
+    y-axis at least 5 points tall so that a one-image difference does not look large."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4))
+    values = []
     for name, ys in curves.items():
-        ax.plot(range(1, len(ys) + 1), ys, "-o", ms=3, label=name)
+        xs = list(range(len(ys)))
+        (line,) = ax.plot(xs, ys, "-o", ms=3, label=name)
+        if val_images:
+            se = [top1_standard_error(y, val_images) for y in ys]
+            lo, hi = [y - e for y, e in zip(ys, se, strict=True)], [y + e for y, e in zip(ys, se, strict=True)]
+            ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.15, lw=0)
+            values += lo + hi
+        values += list(ys)
+    finite = [v for v in values if math.isfinite(v)]
+    if finite:
+        mid, half = (max(finite) + min(finite)) / 2, max((max(finite) - min(finite)) / 2 * 1.1, 2.5)
+        ax.set_ylim(mid - half, mid + half)
     ax.set_xlabel("generation")
-    ax.set_ylabel("best validation top-1 so far (%)")
+    label = "best validation top-1 so far (%)"
+    ax.set_ylabel(label + (f"\nband: ±1 standard error on {val_images} images" if val_images else ""))
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.grid(alpha=0.3)
     ax.legend()
     if title:
@@ -115,3 +141,58 @@ def table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
     widths = [max(len(str(h)), *(len(r[i]) for r in cells)) for i, h in enumerate(header)]
     line = "  ".join(f"{{:>{w}}}" for w in widths)
     return "\n".join([line.format(*header), line.format(*("-" * w for w in widths)), *(line.format(*r) for r in cells)])
+
+
+def summary_text(s: dict[str, Any]) -> str:
+    """The pipeline's summary.json as the tables `vitnas search` prints."""
+    parts: list[str] = []
+    b = s["best"]
+    parts.append(s["data"])
+    sv = s["supernet_val_top1"]
+    parts.append(
+        f"supernet ({s['space']} space, {s['space_size']:.2e} archs): validation top-1 "
+        + ", ".join(f"{k.removeprefix('val_top1_')} {v:.1f}%" for k, v in sv.items())
+        + "; test top-1 "
+        + ", ".join(f"{k} {v:.1f}%" for k, v in s["supernet_test_top1"].items())
+    )
+    rows = [
+        [name, r["evaluations"], r["best_top1"], f"{r['best_top1_standard_error']:.2f}"]
+        for name, r in s["strategies"].items()
+    ]
+    parts.append("\nsearch (validation top-1 with inherited weights, constraints " + json.dumps(s["constraints"]) + ")")
+    parts.append(table(rows, ["strategy", "candidates", "best top-1 %", "+- s.e."]))
+    one = 100 / s["val_images"]
+    parts.append(
+        f"(on {s['val_images']} validation images one image is {one:.2f} points; best scores closer than about "
+        f"two standard errors are not told apart)"
+    )
+    parts.append("\nPareto front (accuracy vs parameters)")
+    parts.append(
+        table(
+            [[r["arch"], f"{r['params'] / 1e3:.0f}k", f"{r['macs'] / 1e6:.1f}M", r["top1"]] for r in s["pareto_front"]],
+            ["arch", "params", "MACs", "val top-1 %"],
+        )
+    )
+    parts.append("\nbest subnet")
+    ft = b["val_top1_finetuned"]
+    parts.append(
+        table(
+            [
+                [
+                    b["arch"],
+                    f"{b['params'] / 1e3:.0f}k",
+                    f"{b['macs'] / 1e6:.1f}M",
+                    f"{b['latency_ms']:.2f}",
+                    b["val_top1_inherited"],
+                    "-" if ft is None else ft,
+                    b["test_top1"],
+                ]
+            ],
+            ["arch", "params", "MACs", "latency ms", "val (inherited)", "val (fine-tuned)", "test top-1 %"],
+        )
+    )
+    parts.append(f"exported weights: {b['exported_weights']}")
+    if s.get("latency_table"):
+        lt = s["latency_table"]
+        parts.append(f"latency table: mean error {100 * lt['mean_abs_rel_error']:.1f}% over {lt['n']} archs")
+    return "\n".join(parts)

@@ -40,6 +40,7 @@ class FolderIndex:
     paths: list[Path]
     labels: list[int]
     skipped: list[str] = field(default_factory=list)  # files skipped as unreadable (skip_bad=True)
+    not_images: list[str] = field(default_factory=list)  # files left out for a non-image extension
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -69,19 +70,29 @@ def scan_image_folder(root: str | Path, split: str, *, classes: list[str] | None
         raise DataError(
             f"{split_dir}: class folders differ from the training split's: missing {missing}, unexpected {extra}"
         )
-    paths, labels = [], []
+    paths, labels, other = [], [], []
     for label, name in enumerate(found):
         files = sorted(
             f
             for f in (split_dir / name).iterdir()
             if f.is_file() and not f.name.startswith(".") and f.name.lower() not in IGNORED_FILES
         )
+        images = [f for f in files if f.suffix.lower() in IMAGE_EXTENSIONS]
+        other += [f for f in files if f.suffix.lower() not in IMAGE_EXTENSIONS]
         if not files:
             raise DataError(f"{split_dir / name}: empty class folder (no files)")
-        for f in files:
-            paths.append(f)  # other extensions stay in, so decoding names them as non-images
-            labels.append(label)
-    return FolderIndex(root, found, paths, labels)
+        if not images:
+            raise DataError(
+                f"{split_dir / name}: no image files (extensions {', '.join(IMAGE_EXTENSIONS)}); found "
+                f"{[f.name for f in files[:5]] or 'nothing'}"
+            )
+        paths += images  # a file named like an image that is not one is an error when decoded
+        labels += [label] * len(images)
+    if other:
+        log.warning(
+            "%s: skipped %d files that are not images by their extension (first: %s)", split_dir, len(other), other[0]
+        )
+    return FolderIndex(root, found, paths, labels, not_images=[str(f) for f in other])
 
 
 def verify_images(index: FolderIndex) -> None:

@@ -42,9 +42,14 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors import safe_open
 
-        with safe_open(str(path), framework="pt") as f:
-            if "vitnas" not in (f.metadata() or {}):
-                return {n: f.get_tensor(n) for n in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+        from vitnas._io import corrupt_file_error
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                if "vitnas" not in (f.metadata() or {}):
+                    return {n: f.get_tensor(n) for n in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+        except Exception as err:
+            raise corrupt_file_error(path, err) from None
         from vitnas.checkpoint import read_checkpoint  # a vitnas training checkpoint: its weights
 
         return read_checkpoint(path, only=("model",))[0]["model"]

@@ -17,13 +17,23 @@ from vitnas._io import atomic_write_text
 from vitnas.costs.latency import measure_latency
 from vitnas.evaluation import evaluate
 from vitnas.export import export_subnet
+from vitnas.models.spec import load_model
 from vitnas.pipeline.config import PipelineConfig
-from vitnas.pipeline.stages import Progress, Run, finetune_stage, latency_report, search_stage, supernet_stage
+from vitnas.pipeline.stages import (
+    Progress,
+    Run,
+    finetune_stage,
+    latency_report,
+    search_stage,
+    supernet_stage,
+    supernet_test_top1,
+)
+from vitnas.report import top1_standard_error
 from vitnas.search import Constraints, SearchConfig, pareto_front
 from vitnas.space.arch import ArchConfig
 from vitnas.train.runtime import runtime_settings
 
-__all__ = ["PipelineConfig", "Progress", "run_pipeline"]
+__all__ = ["PipelineConfig", "Progress", "choose_weights", "run_pipeline"]
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +66,17 @@ def run_pipeline(
         return _export_stage(run)
 
 
+def choose_weights(inherited_top1: float, finetune_best: dict[str, Any] | None) -> tuple[bool, str]:
+    """(export the fine-tune's best checkpoint?, why): only when its validation top-1 beats the weights
+    inherited from the supernet, which are measured on the same validation images."""
+    if finetune_best is None:
+        return False, f"inherited from the supernet (val {inherited_top1:.2f}%; the fine-tune was never evaluated)"
+    value, epoch = finetune_best["value"], finetune_best["epoch"]
+    if value > inherited_top1:
+        return True, f"fine-tuned, best epoch {epoch} (val {value:.2f}% > {inherited_top1:.2f}% inherited)"
+    return False, f"inherited from the supernet (val {inherited_top1:.2f}%; the fine-tune peaked at {value:.2f}%)"
+
+
 def _move_aside_old_checkpoints(out: Path) -> None:
     """Start over, keeping the old checkpoints aside rather than deleting them."""
     for stage in ("supernet", "finetune"):
@@ -78,12 +99,17 @@ def _export_stage(run: Run) -> dict[str, Any]:
         "classes": data.classes,
         "norm": norm.to_dict(),
     }
-    finetune_top1 = None
+    finetune_top1, weights = None, "inherited from the supernet (no fine-tune)"
     if run.cfg.finetune_epochs > 0:
         ft = finetune_stage(run, run.out / "search" / scfg.strategy / "best.yaml")
-        model, norm, img_size = ft.model.eval(), ft.aug_cfg, ft.img_size
         finetune_top1 = ft.history[-1]["val_top1"] if ft.history else None
-        record["finetune"] = {"epochs": run.cfg.finetune_epochs, "val_top1": finetune_top1}
+        use_finetuned, weights = choose_weights(main.best["top1"], ft.best)
+        if use_finetuned:
+            model, _ = load_model(ft.best_path)
+            norm, img_size = ft.aug_cfg, ft.img_size
+        record["finetune"] = {"epochs": run.cfg.finetune_epochs, "val_top1": finetune_top1, "best": ft.best}
+    record["weights"] = weights
+    log.info("exporting %s with weights %s", best_arch.key(), weights)
     model = model.eval().to(run.device)
     test = evaluate(model, data.test, img_size=img_size, norm=norm, device=run.device)  # reported, never ranked on
     record["test_top1"] = test["top1"]
@@ -100,6 +126,7 @@ def _export_stage(run: Run) -> dict[str, Any]:
         "latency_device": str(run.device),
         "val_top1_inherited": main.best["top1"],
         "val_top1_finetuned": finetune_top1,
+        "exported_weights": weights,
         "test_top1": test["top1"],
     }
     return _write_summary(run, best, export_dir)
@@ -108,6 +135,7 @@ def _export_stage(run: Run) -> dict[str, Any]:
 def _write_summary(run: Run, best: dict[str, Any], export_dir: Path) -> dict[str, Any]:
     main = run.results[run.search.strategy]
     history = run.meta.get("history") or [{}]
+    n_val = len(run.data.val)
     front = pareto_front(main.candidates, "params")
     summary = {
         "data": run.data.summary(),
@@ -115,12 +143,15 @@ def _write_summary(run: Run, best: dict[str, Any], export_dir: Path) -> dict[str
         "space_size": run.supernet.space.size(),
         "supernet_checkpoint": str(run.ckpt),
         "supernet_val_top1": {k: v for k, v in history[-1].items() if k.startswith("val_top1")},
+        "supernet_test_top1": supernet_test_top1(run),
+        "val_images": n_val,
         "constraints": run.constraints.to_dict(),
         "feasible_ranges": run.ranges,
         "strategies": {
             n: {
                 "evaluations": len(r.candidates),
                 "best_top1": r.best["top1"] if r.best else None,
+                "best_top1_standard_error": top1_standard_error(r.best["top1"], n_val) if r.best else None,
                 "best_per_generation": r.best_per_generation,
             }
             for n, r in run.results.items()

@@ -17,6 +17,7 @@ from torch import nn
 from vitnas.checkpoint import read_metadata
 from vitnas.costs.latency import LatencyTable
 from vitnas.data import AugmentConfig, ImageData, load_data_of
+from vitnas.evaluation import evaluate
 from vitnas.models.spec import load_model
 from vitnas.pipeline.config import PipelineConfig
 from vitnas.report import plot_candidates, plot_progress
@@ -168,6 +169,7 @@ def _plots(run: Run) -> None:
             {n: r.best_per_generation for n, r in run.results.items()},
             run.out / "progress.png",
             title="best candidate so far",
+            val_images=len(run.data.val),
         ),
     ]
 
@@ -204,3 +206,15 @@ def latency_report(run: Run) -> dict[str, Any] | None:
     space = run.supernet.space
     archs = [space.sample(rng) for _ in range(run.cfg.latency_check)]
     return run.lut.error_report(run.supernet, archs, batch=run.search.latency_batch, device=run.device)
+
+
+def supernet_test_top1(run: Run) -> dict[str, float]:
+    """Test top-1 of the supernet's largest and smallest subnets (reported only; nothing ranks on it)."""
+    space = run.supernet.space
+    out = {}
+    for name, arch in (("largest", space.largest()), ("smallest", space.smallest())):
+        r = evaluate(
+            run.supernet, run.data.test, img_size=run.meta["img_size"], norm=run.norm, arch=arch, device=run.device
+        )
+        out[name] = r["top1"]
+    return out

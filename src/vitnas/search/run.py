@@ -230,6 +230,10 @@ def _write_results(
         ArchConfig.from_dict(best["arch"]).to_yaml(out / "best.yaml")
 
 
+def _name(strategy: Strategy) -> str:
+    return getattr(strategy, "name", type(strategy).__name__)
+
+
 def run_search(
     strategy: Strategy,
     evaluate: Evaluate,
@@ -251,7 +255,12 @@ def run_search(
     cache = _load_cache(cand_path)
     if state_path.is_file():
         strategy.load_state_dict(json.loads(state_path.read_text())["strategy"])
-        log.info("resumed search at generation %d with %d evaluated candidates", strategy.generation, len(cache))
+        log.info(
+            "resumed %s search at generation %d with %d evaluated candidates",
+            _name(strategy),
+            strategy.generation,
+            len(cache),
+        )
     rows = list(cache.values())
     best_per_gen = _best_per_generation(rows, strategy.generation)
     evaluations = 0
@@ -262,7 +271,7 @@ def run_search(
         rows += new
         best_per_gen.append(max(r["top1"] for r in rows) if rows else float("nan"))
         atomic_write_text(state_path, json.dumps({"strategy": strategy.state_dict()}))
-        log.info("generation %d: %d candidates, best top1 %.2f", gen, len(archs), best_per_gen[-1])
+        log.info("%s generation %d: %d candidates, best top1 %.2f", _name(strategy), gen, len(archs), best_per_gen[-1])
     rows = [r for r in rows if constraints.satisfied(r)]
     front = pareto_front(rows, cost)
     best = max(rows, key=lambda r: (r["top1"], -r[cost])) if rows else None

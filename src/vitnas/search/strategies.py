@@ -126,6 +126,7 @@ class _Base:
 
 
 class RandomSearch(_Base):
+    name = "random"
     """`population` new random feasible archs per generation: the baseline at equal budget."""
 
     def ask(self) -> list[ArchConfig]:
@@ -135,6 +136,7 @@ class RandomSearch(_Base):
 
 
 class EvolutionSearch(_Base):
+    name = "evolution"
     """AutoFormer's evolution: keep the top `parents`; each generation makes `mutations` mutants and
     `crossovers` children of same-depth parent pairs, then tops up with random archs."""
 
@@ -195,6 +197,7 @@ class EvolutionSearch(_Base):
 
 
 class NSGA2Search(_Base):
+    name = "nsga2"
     """Multi-objective search (accuracy vs a cost) with pymoo's NSGA-II over an integer encoding.
 
     Genes: depth, embed_dim, then mlp_ratio and num_heads for every possible layer (layers past the
@@ -297,7 +300,7 @@ class NSGA2Search(_Base):
             self.tell(asked, scores)
 
 
-STRATEGIES = {"evolution": EvolutionSearch, "random": RandomSearch, "nsga2": NSGA2Search}
+STRATEGIES = {cls.name: cls for cls in (EvolutionSearch, RandomSearch, NSGA2Search)}
 
 
 def build_strategy(name: str, space: SearchSpace, **kwargs: Any) -> Strategy:

@@ -41,23 +41,23 @@ class TrainConfig:
     skip_bad_images: bool = False  # skip (and count) unreadable files instead of stopping
     workers: int = 2  # DataLoader workers when images stream from disk
     # -- optimization
-    epochs: int = 10
+    epochs: int = 10  # passes over the training split
     max_steps: int | None = None  # stop (and end the lr schedule) after this many steps; null = epochs decide
-    batch_size: int = 128  # per rank
-    lr: float = 5e-4  # for a global batch of 512; scaled linearly by global batch / 512
-    min_lr: float = 1e-5
-    warmup_lr: float = 1e-6
-    warmup_epochs: float = 1.0
-    weight_decay: float = 0.05
+    batch_size: int = 128  # images per step, per rank
+    lr: float = 5e-4  # peak lr AT A GLOBAL BATCH OF 512: the run uses lr x batch_size x ranks / 512 (logged)
+    min_lr: float = 1e-5  # lr at the end of the cosine decay (not scaled)
+    warmup_lr: float = 1e-6  # lr at step 0, rising linearly to the peak over warmup_epochs (not scaled)
+    warmup_epochs: float = 1.0  # linear warmup length, in epochs
+    weight_decay: float = 0.05  # AdamW weight decay (none on biases, norms, position tables)
     clip_grad: float | None = 5.0  # max gradient norm; null = off
     drop_path: float = 0.1
     ema_decay: float = 0.0  # exponential moving average of the weights; 0 = off
     amp: str = "auto"  # auto (bf16/fp16 on CUDA, off on CPU) | off | bf16 | fp16
     # -- bookkeeping
-    seed: int = 0
+    seed: int = 0  # seeds weights, data order, validation split, subnets and augmentation
     deterministic: bool = False  # deterministic kernels (exact resume and reproducible runs)
     threads: int | None = None  # torch CPU threads; default: torch's choice
-    out_dir: str = "runs/train"
+    out_dir: str = "runs/train"  # checkpoints (last.safetensors), metrics.csv and tb/ go here
     ckpt_every: int = 200  # steps between checkpoints (one is also written at every epoch end)
     eval_every: int = 1  # epochs between validation passes
     eval_batch_size: int = 256

@@ -116,6 +116,12 @@ class Trainer:
             self._setup_data(data)
             self._setup_model()
         self.base_lr = cfg.lr * cfg.batch_size * self.dist.world / 512
+        log.info(
+            "peak lr %.3g = lr %.3g x global batch %d / 512 (lr is given for a batch of 512)",
+            self.base_lr,
+            cfg.lr,
+            cfg.batch_size * self.dist.world,
+        )
         self.optimizer = torch.optim.AdamW(self.task.param_groups(self.model), lr=self.base_lr, foreach=True)
         self.extra_optimizers = self.task.extra_optimizers(self.model)
         self.ema = (
@@ -127,6 +133,8 @@ class Trainer:
             self.total_steps = min(self.total_steps, cfg.max_steps)
         self.step = 0
         self.history: list[dict[str, Any]] = []
+        self.best_path = self.out / "best.safetensors"
+        self.best: dict[str, Any] | None = None  # {"metric", "value", "epoch", "step"} of best.safetensors
 
     # -- setup ------------------------------------------------------------------------------------
     def _setup_data(self, data: ImageData | None) -> None:
@@ -217,6 +225,7 @@ class Trainer:
             "norm": self.aug_cfg.to_dict(),
             "history": self.history,
             "scaler": self.scaler.state_dict(),
+            "best": self.best,
             **self.task.checkpoint_meta(),
         }
         save_checkpoint(
@@ -269,6 +278,7 @@ class Trainer:
             torch.set_rng_state(groups["rng"]["torch"])
         self.step = int(meta["step"])
         self.history = list(meta.get("history", []))
+        self.best = meta.get("best")
         log.info("resumed from %s at step %d", path, self.step)
 
     def is_finished(self) -> bool:
@@ -383,12 +393,23 @@ class Trainer:
                 break
         epoch_done = self.step // self.steps_per_epoch
         if epoch_done % cfg.eval_every == 0 or self.step == self.total_steps:
-            metrics = {"epoch": epoch_done, "step": self.step, **self.task.evaluate()}
+            scores = self.task.evaluate()
+            metrics = {"epoch": epoch_done, "step": self.step, **scores}
             self.history.append(metrics)
-            log.info("epoch %d: %s", epoch_done, _fmt(metrics))
+            log.info("epoch %d (step %d): %s", epoch_done, self.step, _fmt(scores))
             if logger:
                 logger.val_row(metrics, self.step)
+            self._keep_best(scores, epoch_done)
         self.save()
+
+    def _keep_best(self, scores: dict[str, float], epoch: int) -> None:
+        """Write best.safetensors when the task's best metric improved (written before last.safetensors,
+        so a kill between the two leaves a best checkpoint that last.safetensors already knows of)."""
+        name = self.task.best_metric
+        if name is None or name not in scores or (self.best is not None and scores[name] <= self.best["value"]):
+            return
+        self.best = {"metric": name, "value": scores[name], "epoch": epoch, "step": self.step}
+        self.save(self.best_path)
 
     def evaluate(self) -> dict[str, float]:
         """The task's validation metrics (e.g. val_top1, or largest / smallest subnets of a supernet)."""

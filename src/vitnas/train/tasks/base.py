@@ -109,6 +109,9 @@ class Task:
     name: ClassVar[str] = "task"
     # TrainConfig fields (beyond the trainer's) that a resumed run must share with the one that saved.
     resume_keys: ClassVar[tuple[str, ...]] = ()
+    # The `evaluate()` metric (higher is better) whose best value the trainer keeps in best.safetensors;
+    # None: keep no best checkpoint.
+    best_metric: ClassVar[str | None] = "val_top1"
 
     def __init__(self, cfg: Any) -> None:
         self.cfg = cfg

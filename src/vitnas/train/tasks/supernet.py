@@ -39,6 +39,7 @@ def sample_step_archs(space: SearchSpace, cfg: Any, step: int) -> list[ArchConfi
 @register_task("supernet")
 class SupernetTask(Task):
     resume_keys = ("space", "sampling", "sandwich_random", "bilateral")
+    best_metric = None  # a supernet is judged by the search, not by one subnet's score
 
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg)
