@@ -161,3 +161,30 @@ def test_a_line_cut_by_a_crash_is_dropped_and_re_evaluated(tmp_path):
     again = run("random", tmp_path / "a", generations=2)
     assert [r["key"] for r in again.candidates] == [r["key"] for r in full.candidates]
     assert all(json.loads(x) for x in path.read_text().splitlines())
+
+
+def test_search_log_names_the_strategy_and_counts_generations_from_zero(tmp_path, caplog):
+    with caplog.at_level("INFO", logger="vitnas"):
+        run("random", tmp_path / "r", generations=2)
+        run("evolution", tmp_path / "e", generations=2)
+    lines = [r.getMessage().split(":")[0] for r in caplog.records if " generation " in r.getMessage()]
+    assert lines == ["random generation 0", "random generation 1", "evolution generation 0", "evolution generation 1"]
+
+
+def test_progress_plot_numbers_generations_like_the_log_and_shows_the_noise(tmp_path, monkeypatch):
+    from vitnas import report
+
+    figs = []
+    monkeypatch.setattr(report, "_save", lambda plt, fig, path: figs.append(fig) or path)
+    report.plot_progress(
+        {"evolution": [70.0, 70.5, 71.0], "random": [70.0, 70.0, 70.5]}, tmp_path / "p.png", val_images=200
+    )
+    ax = figs[0].axes[0]
+    assert [list(line.get_xdata()) for line in ax.lines] == [[0, 1, 2], [0, 1, 2]]  # as "generation 0.." in the log
+    lo, hi = ax.get_ylim()
+    assert hi - lo >= 5.0  # a one-image (0.5 point) gap on 200 images does not fill the plot
+    se = report.top1_standard_error(71.0, 200)
+    band = ax.collections[0].get_paths()[0].vertices[:, 1]  # the first strategy's +-1 s.e. band
+    assert band.max() == pytest.approx(71.0 + se) and band.min() == pytest.approx(
+        70.0 - report.top1_standard_error(70.0, 200)
+    )

@@ -102,12 +102,13 @@ def _export_stage(run: Run) -> dict[str, Any]:
     finetune_top1, weights = None, "inherited from the supernet (no fine-tune)"
     if run.cfg.finetune_epochs > 0:
         ft = finetune_stage(run, run.out / "search" / scfg.strategy / "best.yaml")
-        finetune_top1 = ft.history[-1]["val_top1"] if ft.history else None
+        finetune_top1 = ft.best["value"] if ft.best else None  # its best epoch, the one that may be exported
         use_finetuned, weights = choose_weights(main.best["top1"], ft.best)
         if use_finetuned:
             model, _ = load_model(ft.best_path)
             norm, img_size = ft.aug_cfg, ft.img_size
-        record["finetune"] = {"epochs": run.cfg.finetune_epochs, "val_top1": finetune_top1, "best": ft.best}
+        last = ft.history[-1]["val_top1"] if ft.history else None
+        record["finetune"] = {"epochs": run.cfg.finetune_epochs, "val_top1_last": last, "best": ft.best}
     record["weights"] = weights
     log.info("exporting %s with weights %s", best_arch.key(), weights)
     model = model.eval().to(run.device)
