@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from vitnas.models.registry import register_model
 from vitnas.nn.functional import drop_path
 from vitnas.nn.irpe import IRPEConfig, build_irpe
-from vitnas.nn.layers import Mlp, PatchEmbed, patch_grid, to_2tuple
+from vitnas.nn.layers import Mlp, PatchEmbed, init_vit_weights, patch_grid, to_2tuple
 
 __all__ = ["MiniDeiT", "MiniAttention", "MiniBlock", "MultiplexedBlock", "PerRepetition", "MINI_DEIT_IRPE"]
 
@@ -252,13 +252,7 @@ class MiniDeiT(nn.Module):
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         for m in self.modules():  # the patch-embedding conv keeps PyTorch's default, as the reference
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+            init_vit_weights(m)
 
     def _build_blocks(self, irpe: IRPEConfig | None) -> nn.ModuleList:
         """`depth / repeats` multiplexed groups; stochastic depth rises linearly over all `depth` layers and

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from vitnas.checkpoint import optimizer_state, read_checkpoint, save_checkpoint
+from vitnas.checkpoint import optimizer_state, read_checkpoint, read_metadata, save_checkpoint
 from vitnas.data.augment import BatchAugment, recipe
 from vitnas.data.datasets import ImageData, epoch_batches, load_data
 from vitnas.evaluation import evaluate
@@ -283,8 +283,6 @@ class Trainer:
 
     def is_finished(self) -> bool:
         """True when `out_dir` holds a checkpoint of this run that reached its last step."""
-        from vitnas.checkpoint import read_metadata
-
         return self.ckpt_path.is_file() and read_metadata(self.ckpt_path)["step"] >= self.total_steps
 
     # -- the loop ---------------------------------------------------------------------------------
