@@ -32,6 +32,14 @@ class TrainConfig:
     sandwich_random: int = 2  # sandwich rule: random subnets per step besides the largest and smallest
     inplace_distill: bool = True  # sandwich rule: smaller subnets learn the largest one's predictions
     bilateral: bool = False  # supernet: alternate left / right width slicing step by step (BCNet, ViTAS)
+    teacher: str | None = (
+        None  # distil from: an exported folder, a checkpoint, or a registered model (+ teacher_weights)
+    )
+    teacher_weights: str | None = None  # weights of a registered-model teacher (.pth / .safetensors)
+    teacher_dtype: str = "float32"  # the teacher's precision: float32 | bfloat16 | float16
+    distill: str = "soft"  # with a teacher: soft (KL at distill_tau) | hard (DeiT: CE on the teacher's argmax)
+    distill_alpha: float = 0.5  # weight of the distillation loss; 1 - alpha goes to the label loss
+    distill_tau: float = 1.0  # soft KD temperature
     # -- data
     data_path: str | None = None  # root with train/ and test/ (or val/) class folders; None = embedded digits
     img_size: int | None = None  # default: the space's img_size
@@ -72,6 +80,8 @@ class TrainConfig:
         for name in ("lr", "warmup_lr", "min_lr", "weight_decay", "drop_path", "warmup_epochs"):
             check_range(source, name, getattr(self, name), 0.0)
         check_range(source, "ema_decay", self.ema_decay, 0.0, 1.0)
+        check_range(source, "distill_alpha", self.distill_alpha, 0.0, 1.0)
+        check_range(source, "distill_tau", self.distill_tau, 0.0, strict_lo=True)
         check_range(source, "drop_path", self.drop_path, 0.0, 1.0)
         check_range(source, "val_per_class", self.val_per_class, 1)
         check_range(source, "sandwich_random", self.sandwich_random, 0)
