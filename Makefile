@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PIP_INSTALL := $(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt
 
-.PHONY: install demo test test-all bench bench-cifar lint clean
+.PHONY: install demo test test-all bench bench-cifar bench-kd lint clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ bench: $(STAMP)
 bench-cifar: $(STAMP)
 	$(PY) benchmarks/train_cifar.py --budget-min 30 --out runs/bench_train_cifar
 	$(PY) benchmarks/search_cifar.py --checkpoint runs/bench_train_cifar/last.safetensors
+
+# A few minutes: a digits teacher, then the same student from labels and distilled (3 seeds each).
+bench-kd: $(STAMP)
+	$(PY) benchmarks/distill_kd.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
