@@ -145,3 +145,18 @@ def test_registered_teacher_with_weights_of_other_classes_is_refused(tmp_path):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(teacher(x), src.eval()(x))
+
+
+def test_teacher_in_bfloat16_returns_float32_logits_close_to_the_float32_teacher(tmp_path):
+    vit = VisionTransformer.from_arch(
+        ArchConfig(48, 2, (2.0,) * 2, (2,) * 2), img_size=16, patch_size=4, num_classes=10, head_dim=16, rel_pos_max=3
+    )
+    folder = export_subnet(vit, tmp_path / "t")
+    full, half = load_teacher(str(folder)), load_teacher(str(folder), dtype="bfloat16")
+    assert next(half.model.parameters()).dtype == torch.bfloat16
+    x = torch.randn(4, 3, 16, 16)
+    a, b = full(x), half(x)
+    assert b.dtype == torch.float32 and not b.requires_grad
+    torch.testing.assert_close(b, a, atol=0.1, rtol=0.05)
+    with pytest.raises(ValueError, match="teacher_dtype='int8'"):
+        load_teacher(str(folder), dtype="int8")
