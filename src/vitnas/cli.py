@@ -132,11 +132,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 def _arch_in_space(path: str, space: SearchSpace) -> ArchConfig:
     """The arch YAML at `path`, which must lie in `space` (the error names dimension, value, choices)."""
-    arch = ArchConfig.from_yaml(path)
-    try:
-        return space.check_arch(arch)
-    except ValueError as err:
-        raise ValueError(f"{path}: {err}") from None
+    return space.check_arch(ArchConfig.from_yaml(path), source=path)
 
 
 def cmd_export(args: argparse.Namespace) -> int:

@@ -32,13 +32,12 @@ __all__ = ["KINDS", "Kind", "build", "export_spec", "load_model", "spec_of"]
 
 @dataclass(frozen=True)
 class Kind:
-    """How one model family is described and rebuilt. `meta_ok`: it can be built on the meta device
-    (it holds no non-persistent buffers computed at construction), so loading skips initialisation."""
+    """How one model family is described and rebuilt. Its models must build on the meta device (no
+    non-persistent buffers computed at construction), so loading skips initialisation."""
 
     cls: type[nn.Module]
     describe: Callable[[Any], dict[str, Any]]
     construct: Callable[[dict[str, Any]], nn.Module]
-    meta_ok: bool = True
 
 
 KINDS: dict[str, Kind] = {
@@ -77,7 +76,7 @@ def build(spec: dict[str, Any], *, meta_device: bool = False, source: str = "mod
     if name not in KINDS:
         raise ValueError(f"{source}: unknown model kind {name!r}; expected one of {['registry', *KINDS]}")
     kind = KINDS[name]
-    with torch.device("meta" if meta_device and kind.meta_ok else "cpu"):
+    with torch.device("meta" if meta_device else "cpu"):
         try:
             return kind.construct(spec)
         except (KeyError, TypeError) as err:

@@ -29,7 +29,7 @@ from vitnas.pipeline.stages import (
     supernet_test_top1,
 )
 from vitnas.report import top1_standard_error
-from vitnas.search import Constraints, SearchConfig, pareto_front
+from vitnas.search import Constraints, SearchConfig
 from vitnas.space.arch import ArchConfig
 from vitnas.train.runtime import runtime_settings
 
@@ -134,10 +134,8 @@ def _export_stage(run: Run) -> dict[str, Any]:
 
 
 def _write_summary(run: Run, best: dict[str, Any], export_dir: Path) -> dict[str, Any]:
-    main = run.results[run.search.strategy]
     history = run.meta.get("history") or [{}]
     n_val = len(run.data.val)
-    front = pareto_front(main.candidates, "params")
     summary = {
         "data": run.data.summary(),
         "space": run.supernet.space.name,
@@ -159,7 +157,8 @@ def _write_summary(run: Run, best: dict[str, Any], export_dir: Path) -> dict[str
         },
         "best": best,
         "pareto_front": [
-            {"arch": r["key"], "top1": r["top1"], "params": r["params"], "macs": r["macs"]} for r in front
+            {"arch": r["key"], "top1": r["top1"], "params": r["params"], "macs": r["macs"]}
+            for r in run.fronts["params"]
         ],
         "latency_table": latency_report(run),
         "export": str(export_dir),

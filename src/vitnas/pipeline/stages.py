@@ -57,6 +57,7 @@ class Run:
     lut: LatencyTable | None = None
     ranges: dict[str, Any] = field(default_factory=dict)
     results: dict[str, Any] = field(default_factory=dict)
+    fronts: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # the main search's, by cost
     plots: list[Path] = field(default_factory=list)
 
     def step_progress(self, stage: str) -> Callable[[StepInfo], None] | None:
@@ -161,7 +162,7 @@ def _search_progress(run: Run, stage: str) -> Callable[[int, int, dict], None] |
 
 def _plots(run: Run) -> None:
     main = run.results[run.search.strategy]
-    fronts = {c: pareto_front(main.candidates, c) for c in ("params", "macs")}
+    run.fronts = fronts = {c: pareto_front(main.candidates, c) for c in ("params", "macs")}
     title = f"{run.search.strategy} search on {run.data.name}: validation top-1 vs cost"
     run.plots = [
         plot_candidates(main.candidates, fronts, run.out / "candidates.png", title=title),

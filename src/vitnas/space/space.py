@@ -164,12 +164,14 @@ class SearchSpace:
     def __contains__(self, arch: object) -> bool:
         return isinstance(arch, ArchConfig) and self.contains(arch)
 
-    def check_arch(self, arch: ArchConfig) -> ArchConfig:
-        """Return `arch` or raise ValueError naming the first dimension outside the space."""
+    def check_arch(self, arch: ArchConfig, *, source: str | Path | None = None) -> ArchConfig:
+        """Return `arch` or raise ValueError naming the first dimension outside the space (and `source`,
+        the file the arch came from)."""
         problems = self.violations(arch)
         if problems:
             more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-            raise ValueError(f"arch outside search space {self.name!r}: {problems[0]}{more}")
+            where = f"{source}: " if source is not None else ""
+            raise ValueError(f"{where}arch outside search space {self.name!r}: {problems[0]}{more}")
         return arch
 
     def capacity_violations(self, arch: ArchConfig) -> list[str]:

@@ -102,10 +102,11 @@ class TrainConfig:
                 f"{source}: task {self.task!r} needs exactly one of arch (an arch YAML to train) or model (a "
                 f"registered model name); got arch={self.arch!r}, model={self.model!r}"
             )
-        if (self.task, bool(self.arch)) in (("arch", False), ("registry", True)):
+        needs = {"arch": "arch", "registry": "model"}.get(self.task)
+        if needs and not getattr(self, needs):
             raise ValueError(
-                f"{source}: task {self.task!r} trains {'an arch' if self.task == 'arch' else 'a model'}: "
-                f"set {'arch' if self.task == 'arch' else 'model'} (got arch={self.arch!r}, model={self.model!r})"
+                f"{source}: task {self.task!r} trains one {needs}: set {needs} (got arch={self.arch!r}, "
+                f"model={self.model!r})"
             )
         if self.task == "supernet" and self.model:
             raise ValueError(f"{source}: model={self.model!r} is for retrain (task 'subnet'), not supernet training")

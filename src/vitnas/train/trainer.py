@@ -161,7 +161,6 @@ class Trainer:
             amp_dtype=self.amp_dtype,
             backward=lambda loss: self.scaler.scale(loss).backward(),
             evaluate=self._evaluate,
-            world=self.dist.world,
         )
         torch.manual_seed(cfg.seed)
         model = self.task.build_model(ctx, self.data.num_classes)
@@ -315,7 +314,8 @@ class Trainer:
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor, index: np.ndarray | None = None) -> StepInfo:
         """One optimization step at `self.step` on a raw (un-augmented) batch; advances `self.step`.
-        Seeds the global torch RNG for the step (augmentation, dropout), as `fit` does."""
+        `index`: the images' dataset indices, for tasks that read per-sample data. Seeds the global torch
+        RNG for the step (augmentation, dropout), as `fit` does."""
         cfg, step = self.cfg, self.step
         epoch = step // self.steps_per_epoch
         self._seed_step(step)
@@ -326,7 +326,6 @@ class Trainer:
         labels = labels.to(self.device)
         x, targets = self.augment(images.to(self.device, non_blocking=True), labels)
         self.optimizer.zero_grad(set_to_none=True)
-        index = np.arange(len(labels)) if index is None else index
         result = self.task.loss(Batch(x, targets, labels, index, epoch, step))
         loss = self._optimizer_step(result.loss)
         if not math.isfinite(loss):

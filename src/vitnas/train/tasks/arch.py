@@ -34,7 +34,7 @@ class ArchTask(Task):
         self.parent = read_metadata(cfg.init_from) if cfg.init_from else None
         if self.parent is None:
             self.space = load_space(cfg.space)
-            self._check_arch()
+            self.space.check_arch(self.arch, source=cfg.arch)
             return
         if self.parent["model"]["kind"] != "supernet":
             raise ValueError(
@@ -49,13 +49,7 @@ class ArchTask(Task):
                     f"contain the validation images the search ranked on"
                 )
         self.space = SearchSpace(**self.parent["model"]["space"])
-        self._check_arch()
-
-    def _check_arch(self) -> None:
-        try:
-            self.space.check_arch(self.arch)
-        except ValueError as err:
-            raise ValueError(f"{self.cfg.arch}: {err}") from None
+        self.space.check_arch(self.arch, source=cfg.arch)
 
     def img_size(self) -> int:
         if self.parent is not None:

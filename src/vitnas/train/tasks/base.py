@@ -63,12 +63,12 @@ def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
 class Batch:
     """One training step's input. `targets` are the augmented soft labels; `labels` the hard ones before
     mixing; `index` the dataset indices of the images (to look up per-sample data such as stored teacher
-    logits, together with `epoch`)."""
+    logits, together with `epoch`), None when the caller of `train_step` gave none."""
 
     images: torch.Tensor
     targets: torch.Tensor
     labels: torch.Tensor
-    index: np.ndarray
+    index: np.ndarray | None
     epoch: int
     step: int
 
@@ -91,7 +91,6 @@ class TaskContext:
     amp_dtype: torch.dtype | None
     backward: Callable[[torch.Tensor], None]
     evaluate: Callable[..., dict[str, float]]  # evaluate(model, arch=None) -> {'top1', 'loss', 'n'} on val
-    world: int = 1
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)

@@ -54,7 +54,7 @@ class KDTask(Task):
     def build_model(self, ctx: TaskContext, num_classes: int) -> nn.Module:
         self.teacher.to(ctx.device)
         model = self.student.build_model(ctx, num_classes)
-        self.student.ctx = ctx
+        self.student.model, self.student.ctx = model, ctx  # the trainer moves it in place (nn.Module.to)
         return model
 
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
@@ -72,9 +72,7 @@ class KDTask(Task):
         return StepResult(loss.detach())
 
     def evaluate(self) -> dict[str, float]:
-        self.student.model = self.model
         return self.student.evaluate()
 
     def checkpoint_meta(self) -> dict[str, Any]:
-        self.student.model = self.model
         return {**self.student.checkpoint_meta(), "teacher": self.teacher.describe()}
