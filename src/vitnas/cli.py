@@ -189,33 +189,51 @@ def cmd_costs(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_config_flags(p: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field (`--batch-size 64`, `--no-inplace-distill`, `--augment mixup=0`)."""
+def _add_dataclass_flags(p: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
+    """One flag per field of the config dataclass `cls` (`--batch-size 64`, `--no-inplace-distill`,
+    `--augment mixup=0`), its help from the field's comment; a comment starting "required" makes the flag required."""
     import dataclasses
 
     from vitnas._config import field_help
-    from vitnas.train.config import TrainConfig
 
-    p.add_argument("--config", help="training config YAML; flags override its values")
-    p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/last.safetensors if present")
-    helps = field_help(TrainConfig)
-    for f in dataclasses.fields(TrainConfig):
-        if f.name == "task":
+    helps = field_help(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
             continue
         flag = "--" + f.name.replace("_", "-")
         kind, text = str(f.type), helps[f.name].replace("%", "%%")
-        if f.name == "augment":
-            p.add_argument(flag, action="append", metavar="KEY=VALUE", help=f"override a recipe field; {text}")
+        required = text.startswith("required")
+        if kind.startswith("dict"):
+            p.add_argument(flag, action="append", metavar="KEY=VALUE", help=f"{text}; repeat the flag per key")
         elif kind == "bool":
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
         else:
             conv = int if kind.startswith("int") else float if kind.startswith("float") else str
-            p.add_argument(flag, type=conv, default=None, metavar=f.name.upper(), help=text)
+            p.add_argument(flag, type=conv, default=None, metavar=f.name.upper(), help=text, required=required)
+
+
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    from vitnas.train.config import TrainConfig
+
+    p.add_argument("--config", help="training config YAML; flags override its values")
+    p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/last.safetensors if present")
+    _add_dataclass_flags(p, TrainConfig, skip=("task",))
+
+
+def _key_values(items: list[str], key: str) -> dict:
+    """Repeated `--flag KEY=VALUE` items as a mapping, each VALUE read as YAML (numbers, lists, ...)."""
+    import yaml
+
+    pairs = {}
+    for item in items:
+        name, sep, raw = item.partition("=")
+        if not sep:
+            raise ValueError(f"--{key.replace('_', '-')} expects KEY=VALUE, got {item!r}")
+        pairs[name] = yaml.safe_load(raw)
+    return pairs
 
 
 def _train_config(args: argparse.Namespace, task: str):
-    import yaml
-
     from vitnas.train.config import TrainConfig
 
     overrides = {}
@@ -223,15 +241,7 @@ def _train_config(args: argparse.Namespace, task: str):
         value = getattr(args, key, None)
         if value is None:
             continue
-        if key == "augment":
-            pairs = {}
-            for item in value:
-                name, sep, raw = item.partition("=")
-                if not sep:
-                    raise ValueError(f"--augment expects KEY=VALUE, got {item!r}")
-                pairs[name] = yaml.safe_load(raw)
-            value = pairs
-        overrides[key] = value
+        overrides[key] = _key_values(value, key) if isinstance(value, list) else value
     overrides["task"] = task
     if args.config:
         return TrainConfig.from_yaml(args.config, **overrides)
@@ -289,6 +299,33 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     return _run_training(args, "subnet")
 
 
+def cmd_save_logits(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from tqdm import tqdm
+
+    from vitnas.train.save_logits import SaveLogitsConfig, save_logits
+
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(SaveLogitsConfig)}
+    values["augment"] = _key_values(values["augment"] or [], "augment")
+    cfg = SaveLogitsConfig(**{k: v for k, v in values.items() if v is not None})
+    bar = tqdm(desc="save-logits", unit="chunk", dynamic_ncols=True, disable=None)
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+
+    result = save_logits(cfg, device=args.device, progress=progress)
+    bar.close()
+    m = result["manifest"]
+    print(
+        f"{result['store']}: {m['epochs']} epochs x {m['num_samples']} images, top-{m['topk']} of "
+        f"{m['num_classes']} classes, {m['record_bytes']} bytes per record; {result['chunks_written']} chunks "
+        f"written by this run"
+    )
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from vitnas.data import AugmentConfig, load_data_of
     from vitnas.evaluation import evaluate
@@ -322,6 +359,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print(f"{args.checkpoint} on the {args.split} split of {data.name}:")
     print(table(rows, ["subnet", "arch", "top1 %", "loss", "images"]))
     return 0
+
+
+def _save_logits_config() -> type:
+    from vitnas.train.save_logits import SaveLogitsConfig
+
+    return SaveLogitsConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -380,6 +423,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_flags(rt)
     rt.set_defaults(func=cmd_retrain)
+
+    sl = sub.add_parser(
+        "save-logits",
+        help="run a teacher once over the augmented training split and store its top-K probabilities "
+        "(TinyViT), for retrain --distill-logits",
+    )
+    _add_dataclass_flags(sl, _save_logits_config())
+    sl.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    sl.set_defaults(func=cmd_save_logits)
 
     ev = sub.add_parser("evaluate", help="top-1 and loss of a checkpoint on the validation or test split")
     ev.add_argument("checkpoint", help="a training checkpoint (last.safetensors)")

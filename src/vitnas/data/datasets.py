@@ -6,6 +6,7 @@ The validation split is held out from the training images (seeded, N per class, 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -69,6 +70,19 @@ class Split:
             persistent_workers=False,
         )
         yield from loader
+
+    def digest(self) -> str:
+        """Names these exact images: blake2b of the pixels and labels of a cached split, or of the file
+        list (class folder / name) with sizes and labels of a streamed one."""
+        h = hashlib.blake2b(digest_size=16)
+        h.update(self.labels.numpy().astype("<i8").tobytes())
+        if self.images is not None:
+            h.update(str(tuple(self.images.shape)).encode())
+            h.update(self.images.contiguous().numpy().tobytes())
+        else:
+            for p in self.paths:
+                h.update(f"{p.parent.name}/{p.name}:{p.stat().st_size};".encode())
+        return h.hexdigest()
 
     def sequential(self, batch_size: int, rank: int = 0, world: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Every image once, in order, sharded across ranks (for evaluation)."""

@@ -26,6 +26,7 @@ class TrainConfig:
     space: str = "cifar"  # search space preset name or YAML path
     arch: str | None = None  # subnet task: arch YAML (ours, or an AutoFormer config's RETRAIN section)
     model: str | None = None  # subnet task: a registered model instead of an arch (`vitnas models` lists them)
+    model_args: dict[str, Any] = field(default_factory=dict)  # model: create_model arguments, e.g. depth=6
     pretrained: str | None = None  # subnet task: initial weights (.pth/.safetensors); another-size head starts fresh
     init_from: str | None = None  # subnet task: supernet checkpoint whose weights the subnet inherits
     sampling: str = "uniform"  # supernet task: uniform (AutoFormer, one random subnet per step) | sandwich
@@ -37,9 +38,15 @@ class TrainConfig:
     )
     teacher_weights: str | None = None  # weights of a registered-model teacher (.pth / .safetensors)
     teacher_dtype: str = "float32"  # the teacher's precision: float32 | bfloat16 | float16
-    distill: str = "soft"  # with a teacher: soft (KL at distill_tau) | hard (DeiT: CE on the teacher's argmax)
+    distill: str = "soft"  # with a teacher: soft (KL at distill_tau) | hard (CE on its argmax) | minivit (relations)
     distill_alpha: float = 0.5  # weight of the distillation loss; 1 - alpha goes to the label loss
     distill_tau: float = 1.0  # soft KD temperature
+    distill_logits: str | None = None  # a `vitnas save-logits` store: train on its stored teacher top-K (TinyViT)
+    reuse_epochs: bool = False  # with distill_logits: cycle the stored epochs when training runs longer
+    distill_layers: str = "auto"  # minivit: student:teacher block pairs, e.g. "1:3,3:7"; auto = evenly spaced
+    distill_attn_weight: float = 1.0  # minivit: weight of the attention-relation (q/k/v) loss
+    distill_hidden_weight: float = 0.1  # minivit: weight of the hidden-state-relation loss
+    distill_relation_heads: int = 1  # minivit: relation heads the q/k/v channels are split into (Ar)
     # -- data
     data_path: str | None = None  # root with train/ and test/ (or val/) class folders; None = embedded digits
     img_size: int | None = None  # default: the space's img_size
@@ -83,6 +90,9 @@ class TrainConfig:
         check_range(source, "distill_alpha", self.distill_alpha, 0.0, 1.0)
         check_range(source, "distill_tau", self.distill_tau, 0.0, strict_lo=True)
         check_range(source, "drop_path", self.drop_path, 0.0, 1.0)
+        check_range(source, "distill_attn_weight", self.distill_attn_weight, 0.0)
+        check_range(source, "distill_hidden_weight", self.distill_hidden_weight, 0.0)
+        check_range(source, "distill_relation_heads", self.distill_relation_heads, 1)
         check_range(source, "val_per_class", self.val_per_class, 1)
         check_range(source, "sandwich_random", self.sandwich_random, 0)
         check_range(source, "seed", self.seed, 0)
@@ -115,6 +125,13 @@ class TrainConfig:
                 f"{source}: pretrained={self.pretrained!r} initialises a retrained model or arch; it does not "
                 f"combine with supernet training or init_from"
             )
+        if self.distill == "minivit" and (self.distill_logits or not self.teacher):
+            raise ValueError(
+                f"{source}: distill 'minivit' distils a live teacher's attention and hidden states: set teacher "
+                f"(and not distill_logits, which holds only logits)"
+            )
+        if self.model_args and not self.model:
+            raise ValueError(f"{source}: model_args={self.model_args!r} are create_model arguments: set model too")
         if self.model and self.init_from:
             raise ValueError(
                 f"{source}: init_from inherits supernet weights into an arch; it does not apply to model={self.model!r}"

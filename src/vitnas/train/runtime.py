@@ -30,7 +30,8 @@ def runtime_settings(threads: int | None = None, deterministic: bool = False) ->
         yield
     finally:
         torch.set_num_threads(old_threads)
-        torch.use_deterministic_algorithms(old_deterministic, warn_only=warn_only)
+        if torch.are_deterministic_algorithms_enabled() != old_deterministic:  # the call imports torch._dynamo (~4 s)
+            torch.use_deterministic_algorithms(old_deterministic, warn_only=warn_only)
         if cublas is None:
             os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
         else:

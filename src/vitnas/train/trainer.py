@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from vitnas.checkpoint import optimizer_state, read_checkpoint, read_metadata, save_checkpoint
-from vitnas.data.augment import BatchAugment, recipe
+from vitnas.data.augment import recipe
 from vitnas.data.datasets import ImageData, epoch_batches, load_data
 from vitnas.evaluation import evaluate
 from vitnas.models.spec import spec_of
@@ -150,7 +150,7 @@ class Trainer:
         )
         self.task.prepare_data(self.data)
         self.aug_cfg = recipe(cfg.recipe).override(**cfg.augment).override(**self.task.norm_override())
-        self.augment = BatchAugment(self.aug_cfg, self.img_size, self.data.num_classes)
+        self.augment = self.task.build_augment(self.aug_cfg, self.img_size, self.data.num_classes)
 
     def _setup_model(self) -> None:
         cfg = self.cfg
@@ -324,7 +324,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         labels = labels.to(self.device)
-        x, targets = self.augment(images.to(self.device, non_blocking=True), labels)
+        x, targets = self.augment(images.to(self.device, non_blocking=True), labels, index, epoch)
         self.optimizer.zero_grad(set_to_none=True)
         result = self.task.loss(Batch(x, targets, labels, index, epoch, step))
         loss = self._optimizer_step(result.loss)

@@ -13,6 +13,7 @@ from vitnas.train.tasks.base import (
 )
 from vitnas.train.tasks.kd import KDTask
 from vitnas.train.tasks.registry import RegistryTask
+from vitnas.train.tasks.stored_logits import StoredLogitsTask
 from vitnas.train.tasks.supernet import SupernetTask, sample_step_archs
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "KDTask",
     "RegistryTask",
     "StepResult",
+    "StoredLogitsTask",
     "SupernetTask",
     "Task",
     "TaskContext",
@@ -35,12 +37,19 @@ __all__ = [
 
 def resolve_task(cfg) -> Task:
     """The task `cfg.task` names. "subnet" (the name configs have always used for retraining) means
-    "registry" when `model` is set and "arch" otherwise. With `teacher` set, that task's model is the
-    student of a KDTask."""
+    "registry" when `model` is set and "arch" otherwise. That task's model is the student of a
+    StoredLogitsTask with `distill_logits` set (a `teacher` then only names the store's teacher, checked),
+    else of a MiniViTTask (`distill: minivit`) or a KDTask with `teacher` set."""
     name = cfg.task
     if name == "subnet":
         name = "registry" if cfg.model else "arch"
     task = task_class(name)(cfg)
+    if cfg.distill_logits:
+        return StoredLogitsTask(cfg, task)
+    if cfg.teacher and cfg.distill == "minivit":
+        from vitnas.train.tasks.minivit import MiniViTTask
+
+        return MiniViTTask(cfg, task)
     if cfg.teacher:
-        task = KDTask(cfg, task)
+        return KDTask(cfg, task)
     return task

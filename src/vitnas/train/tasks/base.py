@@ -19,7 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vitnas.data.augment import AugmentConfig, BatchAugment
+
 __all__ = [
+    "Augment",
     "Batch",
     "StepResult",
     "Task",
@@ -31,6 +34,9 @@ __all__ = [
 ]
 
 _TASKS: dict[str, type[Task]] = {}
+
+# augment(raw uint8 images, labels, dataset indices or None, epoch) -> (model input, soft targets)
+Augment = Callable[[torch.Tensor, torch.Tensor, "np.ndarray | None", int], tuple[torch.Tensor, torch.Tensor]]
 
 
 def register_task(name: str) -> Callable[[type[Task]], type[Task]]:
@@ -99,9 +105,9 @@ class TaskContext:
 class Task:
     """Base class of training tasks. Subclasses implement `build_model` and usually `loss`/`evaluate`.
 
-    Order of calls: `__init__(cfg)`, `img_size()`, `prepare_data(data)`, `build_model(ctx)`,
-    `param_groups(model)`, `extra_optimizers(model)`, then per step `loss(batch)`, per evaluation
-    `evaluate()`, per checkpoint `checkpoint_meta()` / `state_tensors()`, and on resume
+    Order of calls: `__init__(cfg)`, `img_size()`, `prepare_data(data)`, `build_augment(...)`,
+    `build_model(ctx)`, `param_groups(model)`, `extra_optimizers(model)`, then per step `loss(batch)`,
+    per evaluation `evaluate()`, per checkpoint `checkpoint_meta()` / `state_tensors()`, and on resume
     `load_state_tensors()` after the model and optimizers are restored.
     """
 
@@ -131,6 +137,13 @@ class Task:
 
     def build_model(self, ctx: TaskContext, num_classes: int) -> nn.Module:
         raise NotImplementedError
+
+    def build_augment(self, cfg: AugmentConfig, img_size: int, num_classes: int) -> Augment:
+        """The training augmentation, `augment(images, labels, index, epoch) -> (images, soft targets)`:
+        by default the batched recipe (`BatchAugment`, drawn from the step's RNG); a task that must see
+        each image's own augmentation (replayed stored logits) returns its own."""
+        batch_augment = BatchAugment(cfg, img_size, num_classes)
+        return lambda images, labels, index, epoch: batch_augment(images, labels)
 
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
         """The main optimizer's parameter groups: no weight decay on biases, norms and position tables."""

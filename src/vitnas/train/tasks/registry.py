@@ -14,15 +14,14 @@ __all__ = ["RegistryTask"]
 
 @register_task("registry")
 class RegistryTask(Task):
-    resume_keys = ("model", "pretrained")
+    resume_keys = ("model", "model_args", "pretrained")
 
     def img_size(self) -> int:
         if self.cfg.img_size:
             return self.cfg.img_size
         with torch.device("meta"):  # the size the model is built for when the config names none
-            return model_input_size(create_model(self.cfg.model))[1]
+            return model_input_size(create_model(self.cfg.model, **self.cfg.model_args))[1]
 
     def build_model(self, ctx: TaskContext, num_classes: int) -> nn.Module:
-        return create_model(
-            self.cfg.model, img_size=self.img_size(), num_classes=num_classes, drop_path_rate=self.cfg.drop_path
-        )
+        kwargs = dict(img_size=self.img_size(), num_classes=num_classes, drop_path_rate=self.cfg.drop_path)
+        return create_model(self.cfg.model, **{**kwargs, **self.cfg.model_args})
