@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PIP_INSTALL := $(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt
 
-.PHONY: install demo test test-all bench bench-cifar bench-kd lint clean
+.PHONY: install demo test test-all bench bench-cifar bench-kd bench-distill bench-distill-speed lint clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,15 @@ bench-cifar: $(STAMP)
 # A few minutes: a digits teacher, then the same student from labels and distilled (3 seeds each).
 bench-kd: $(STAMP)
 	$(PY) benchmarks/distill_kd.py
+
+# Under an hour on 2 cores (needs ../shared/data/cifar10): a CIFAR-10 teacher, its stored logits, students
+# from labels vs from the store, and a Mini-DeiT from labels vs with MiniViT distillation.
+bench-distill: $(STAMP)
+	$(PY) benchmarks/distill_cifar.py --data ../shared/data/cifar10 --out runs/bench-distill
+
+# About 7 minutes: step times alone / with a live teacher / from a store, and save-logits throughput.
+bench-distill-speed: $(STAMP)
+	$(PY) benchmarks/distill.py --images 256 --steps 5 --rounds 3 --batch-size 32
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks

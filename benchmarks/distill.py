@@ -4,7 +4,7 @@ the bare teacher forward it wraps. Interleaved rounds, medians. Prints one JSON 
 
 The images are random (timing only), the weights random: what is measured is the cost of each path.
 
-    python benchmarks/distill.py [--teacher tiny_vit_21m_224] [--student efficientvit_m0] [--img-size 112]
+    python benchmarks/distill.py [--teacher tiny_vit_21m_224] [--student efficientvit_m0] [--img-size 224]
         [--batch-size 32] [--device cpu|cuda] [--amp bf16]
 """
 
@@ -60,7 +60,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--teacher", default="tiny_vit_21m_224", help="registered teacher model")
     p.add_argument("--student", default="efficientvit_m0", help="registered student model")
-    p.add_argument("--img-size", type=int, default=112, help="resolution of both")
+    p.add_argument("--img-size", type=int, default=224, help="resolution of both (TinyViT windows need 224)")
     p.add_argument("--classes", type=int, default=100, help="classes of the random data")
     p.add_argument("--topk", type=int, default=10, help="stored probabilities per image")
     p.add_argument("--images", type=int, default=512, help="images in the store / timed by save-logits")

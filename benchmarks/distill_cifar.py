@@ -10,14 +10,15 @@
 A stratified subset of the training split keeps the run within about an hour on 2 CPU cores; the
 validation split (held out of train) and the test split are CIFAR-10's full ones. Test top-1 reported.
 
-    python benchmarks/distill_cifar.py --data ../shared/data/cifar10 [--train-per-class 1000]
-        [--teacher-epochs 15] [--student-epochs 10] [--topk 5] [--seeds 0]
+    python benchmarks/distill_cifar.py --data ../shared/data/cifar10 [--train-per-class 600]
+        [--teacher-epochs 12] [--student-epochs 8] [--topk 5] [--seeds 0]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -70,19 +71,20 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--data", default="../shared/data/cifar10", help="CIFAR-10 image folders (train/, test/)")
     p.add_argument("--out", default="runs/bench-distill", help="work folder (reruns continue finished parts)")
-    p.add_argument("--train-per-class", type=int, default=1000, help="training images per class; 0 = all")
-    p.add_argument("--teacher-epochs", type=int, default=15, help="teacher training epochs")
-    p.add_argument("--student-epochs", type=int, default=10, help="epochs of every student (and stored epochs)")
+    p.add_argument("--train-per-class", type=int, default=600, help="training images per class; 0 = all")
+    p.add_argument("--teacher-epochs", type=int, default=12, help="teacher training epochs")
+    p.add_argument("--student-epochs", type=int, default=8, help="epochs of every student (and stored epochs)")
     p.add_argument("--topk", type=int, default=5, help="stored probabilities per image (< 10 classes)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="student seeds")
-    p.add_argument("--lr", type=float, default=1e-3, help="peak lr at batch 512 for every run")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak lr at batch 512 for every run")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--skip-minivit", action="store_true", help="only the stored-logit comparison")
     args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     data = subset(load_data(args.data, img_size=32, val_per_class=100, seed=0), args.train_per_class)
-    base = dict(space="cifar", recipe="cifar", lr=args.lr, batch_size=128, threads=args.threads, seed=0)
+    base = dict(space="cifar", img_size=32, recipe="cifar", lr=args.lr, batch_size=128, threads=args.threads, seed=0)
     base.update(val_per_class=100, data_path=str(Path(args.data).resolve()), warmup_epochs=1.0, drop_path=0.0)
     t0 = time.perf_counter()
     teacher_ckpt, teacher_top1, teacher_s = train(out / "teacher", data, base, arch=TEACHER, epochs=args.teacher_epochs)

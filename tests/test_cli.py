@@ -113,3 +113,7 @@ def test_keep_best_checkpoint_holds_the_best_evaluated_epoch(tmp_path):
     model, _ = load_model(tmp_path / "r" / "best.safetensors")
     assert trainer._evaluate(model)["top1"] == scores[top]
     assert torch.is_tensor(next(model.parameters()))
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "r" / "best.safetensors"), "pt") as f:  # weights to export, no optimizer
+        assert "optimizer" not in best and not [k for k in f if not k.startswith(("model.", "ema."))]

@@ -28,7 +28,7 @@ from vitnas.train.save_logits import SaveLogitsConfig, save_logits
 from vitnas.train.tasks import soft_cross_entropy
 
 # A recipe with every batched replayed op: crop, flip, erasing, mixup and cutmix (RandAugment, replayed
-# image by image, is slow on CPU and tested on its own).
+# image by image, is tested on its own to keep the store tests fast).
 MIXING = dict(hflip=0.5, erase_prob=0.5, mixup=0.8, cutmix=1.0, mix_prob=0.8)
 
 
@@ -213,3 +213,5 @@ def test_cli_save_logits_then_retrain_from_the_store(teacher_dir, tmp_path, caps
     assert cli_main(train) == 0
     assert cli_main([*train[:-2], "--epochs", "2", "--out-dir", str(tmp_path / "s2")]) == 2
     assert "--reuse-epochs" in capsys.readouterr().err
+    assert cli_main(["export", str(tmp_path / "s" / "last.safetensors"), "--out", str(tmp_path / "x"), "--onnx"]) == 0
+    assert (tmp_path / "x" / "model.onnx").is_file()

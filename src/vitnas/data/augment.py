@@ -56,6 +56,8 @@ class AugmentConfig:
 RECIPES: dict[str, AugmentConfig] = {
     # DeiT / AutoFormer supernet recipe for ImageNet-size images.
     "deit": AugmentConfig(),
+    # DeiT's recipe with one view of each image per epoch: what a logit store (save-logits) can replay.
+    "tinyvit": replace(AugmentConfig(), repeats=1),
     # 32px images on a small budget: mild crops and flips, light mixing.
     "cifar": AugmentConfig(
         crop_scale=(0.6, 1.0),

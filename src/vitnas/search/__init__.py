@@ -1,7 +1,7 @@
 """Architecture search: strategies, constraints, the evaluator and the resumable search loop."""
 
 from vitnas.search.constraints import Constraints, InfeasibleConstraint
-from vitnas.search.run import SearchConfig, SearchResult, pareto_front, run_search
+from vitnas.search.run import SearchConfig, SearchResult, Workers, pareto_front, run_search, torch_workers
 from vitnas.search.strategies import STRATEGIES, EvolutionSearch, NSGA2Search, RandomSearch, build_strategy
 
 __all__ = [
@@ -13,7 +13,9 @@ __all__ = [
     "RandomSearch",
     "SearchConfig",
     "SearchResult",
+    "Workers",
     "build_strategy",
     "pareto_front",
     "run_search",
+    "torch_workers",
 ]

@@ -6,6 +6,7 @@ Artefacts in the output folder: `candidates.jsonl` (every candidate with its met
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -23,7 +24,7 @@ from vitnas.search.constraints import Constraints
 from vitnas.search.strategies import Strategy
 from vitnas.space.arch import ArchConfig
 
-__all__ = ["SearchConfig", "SearchResult", "run_search", "pareto_front", "load_candidates"]
+__all__ = ["SearchConfig", "SearchResult", "Workers", "load_candidates", "pareto_front", "run_search", "torch_workers"]
 
 log = logging.getLogger(__name__)
 Evaluate = Callable[[ArchConfig], Mapping[str, float]]
@@ -191,6 +192,38 @@ def _evaluate_new(
     return {"key": key, "generation": gen, "arch": arch.to_dict(), **metrics, **c}
 
 
+@dataclass(frozen=True)
+class Workers:
+    """The processes one search is spread over (`torch_workers()` under torchrun). Each rank evaluates a
+    disjoint share of every generation's new candidates with the full validation split; `gather(rows)`
+    (called by every rank in step) returns all ranks' rows, so every rank tells its strategy the same
+    scores and the runs stay identical. Only rank 0 writes the artefacts."""
+
+    rank: int = 0
+    world: int = 1
+    gather: Callable[[list[dict[str, Any]]], list[list[dict[str, Any]]]] | None = None
+    barrier: Callable[[], None] = lambda: None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def torch_workers() -> Workers:
+    """The Workers of the torch.distributed process group (one process: a plain Workers())."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+        return Workers()
+
+    def gather(rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+        out: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(out, rows)
+        return out
+
+    return Workers(dist.get_rank(), dist.get_world_size(), gather, dist.barrier)
+
+
 def _run_generation(
     strategy: Strategy,
     evaluate: Evaluate,
@@ -199,25 +232,37 @@ def _run_generation(
     cache: dict[str, dict[str, Any]],
     cand_path: Path,
     progress: Callable[[int, int, dict[str, Any]], None] | None,
+    workers: Workers,
 ) -> tuple[list[ArchConfig], list[dict[str, Any]]]:
-    """Ask, evaluate the archs not in `cache` (appending their rows to it and to `cand_path`), tell.
-    Returns the archs asked and the rows of those newly evaluated."""
+    """Ask; evaluate this rank's share of the archs not in `cache`; gather every rank's rows; add them to
+    `cache` and (rank 0) `cand_path`, in the order asked; tell. Returns the archs and the new rows."""
     gen = strategy.generation
     archs = strategy.ask()
-    scores, new = [], []
-    with open(cand_path, "a") as f:
+    todo = list({a.key(): a for a in archs if a.key() not in cache}.values())
+    mine_keys = {a.key() for a in todo[workers.rank :: workers.world]}
+    with open(cand_path, "a") if workers.is_main else contextlib.nullcontext() as f:
+        mine: dict[str, dict[str, Any]] = {}
         for i, arch in enumerate(archs):
-            row = cache.get(arch.key())
-            if row is None:
-                row = cache[arch.key()] = _evaluate_new(arch, gen, evaluate, costs, constraints)
-                new.append(row)
-                f.write(json.dumps(row) + "\n")
-                f.flush()
-            scores.append(row["top1"])
-            if progress:
+            key = arch.key()
+            if key in mine_keys and key not in mine:
+                mine[key] = _evaluate_new(arch, gen, evaluate, costs, constraints)
+                if workers.world == 1:  # one process: on disk as soon as evaluated
+                    f.write(json.dumps(mine[key]) + "\n")
+                    f.flush()
+            row = cache.get(key) or mine.get(key)
+            if progress and row is not None:
                 progress(gen, i, row)
-        os.fsync(f.fileno())  # the rows are on disk before the state that counts them
-    strategy.tell(archs, scores)
+        mine = list(mine.values())
+        gathered = workers.gather(mine) if workers.world > 1 else [mine]
+        by_key = {row["key"]: row for rows in gathered for row in rows}
+        new = [by_key[a.key()] for a in todo]
+        cache.update(by_key)
+        if f is not None:
+            if workers.world > 1:
+                f.writelines(json.dumps(row) + "\n" for row in new)
+            f.flush()
+            os.fsync(f.fileno())  # the rows are on disk before the state that counts them
+    strategy.tell(archs, [cache[a.key()]["top1"] for a in archs])
     return archs, new
 
 
@@ -245,14 +290,21 @@ def run_search(
     resume: bool = True,
     progress: Callable[[int, int, dict[str, Any]], None] | None = None,
     config: Mapping[str, Any] | None = None,
+    workers: Workers | None = None,
 ) -> SearchResult:
     """Run `strategy` to the end. Every proposed arch meets `constraints` (strategies are built with the
     same feasibility test) and is evaluated at most once, even across a resume. `config` identifies the
-    run (settings, supernet checkpoint): resuming a folder made with another config is an error."""
+    run (settings, supernet checkpoint): resuming a folder made with another config is an error.
+    `workers` spreads the evaluations over ranks (every rank calls run_search; `out_dir` is shared)."""
+    workers = workers or Workers()
     out = Path(out_dir)
     cand_path, state_path = out / "candidates.jsonl", out / "state.json"
-    _claim_folder(out, _identity(strategy, constraints, cost, config), resume)
-    cache = _load_cache(cand_path)
+    if workers.is_main:
+        _claim_folder(out, _identity(strategy, constraints, cost, config), resume)
+        cache = _load_cache(cand_path)
+    workers.barrier()
+    if not workers.is_main:
+        cache = {row["key"]: row for row in load_candidates(cand_path)}
     if state_path.is_file():
         strategy.load_state_dict(json.loads(state_path.read_text())["strategy"])
         log.info(
@@ -261,19 +313,23 @@ def run_search(
             strategy.generation,
             len(cache),
         )
+    workers.barrier()  # every rank has read the state before rank 0 writes the next one
     rows = list(cache.values())
     best_per_gen = _best_per_generation(rows, strategy.generation)
     evaluations = 0
     while not strategy.done:
         gen = strategy.generation
-        archs, new = _run_generation(strategy, evaluate, costs, constraints, cache, cand_path, progress)
+        archs, new = _run_generation(strategy, evaluate, costs, constraints, cache, cand_path, progress, workers)
         evaluations += len(new)
         rows += new
         best_per_gen.append(max(r["top1"] for r in rows) if rows else float("nan"))
-        atomic_write_text(state_path, json.dumps({"strategy": strategy.state_dict()}))
+        if workers.is_main:
+            atomic_write_text(state_path, json.dumps({"strategy": strategy.state_dict()}))
         log.info("%s generation %d: %d candidates, best top1 %.2f", _name(strategy), gen, len(archs), best_per_gen[-1])
     rows = [r for r in rows if constraints.satisfied(r)]
     front = pareto_front(rows, cost)
     best = max(rows, key=lambda r: (r["top1"], -r[cost])) if rows else None
-    _write_results(out, best, front, best_per_gen)
+    if workers.is_main:
+        _write_results(out, best, front, best_per_gen)
+    workers.barrier()
     return SearchResult(rows, best, front, best_per_gen, evaluations, out)

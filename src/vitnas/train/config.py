@@ -51,7 +51,7 @@ class TrainConfig:
     data_path: str | None = None  # root with train/ and test/ (or val/) class folders; None = embedded digits
     img_size: int | None = None  # default: the space's img_size
     val_per_class: int = 100  # training images per class held out for validation (search / selection)
-    recipe: str = "cifar"  # augmentation recipe: deit | cifar | digits | none
+    recipe: str = "cifar"  # augmentation recipe: deit | tinyvit (deit, 1 view per epoch) | cifar | digits | none
     augment: dict[str, Any] = field(default_factory=dict)  # overrides of the recipe's fields
     skip_bad_images: bool = False  # skip (and count) unreadable files instead of stopping
     workers: int = 2  # DataLoader workers when images stream from disk

@@ -208,7 +208,9 @@ class Trainer:
         )
 
     # -- checkpoints ------------------------------------------------------------------------------
-    def save(self, path: Path | None = None) -> None:
+    def save(self, path: Path | None = None, *, resumable: bool = True) -> None:
+        """Write a checkpoint (default: last.safetensors). `resumable=False` keeps the weights (and EMA)
+        with the metadata but not the optimizer, RNG and task state: a model to evaluate or export."""
         if not self.dist.is_main:
             return
         meta = {
@@ -231,11 +233,11 @@ class Trainer:
             path or self.ckpt_path,
             weights=self.model.state_dict(),
             meta=meta,
-            optimizer=self.optimizer,
-            extra_optimizers=self.extra_optimizers,
+            optimizer=self.optimizer if resumable else None,
+            extra_optimizers=self.extra_optimizers if resumable else None,
             ema=self.ema,
-            rng={"torch": torch.get_rng_state()},
-            task=self.task.state_tensors(),
+            rng={"torch": torch.get_rng_state()} if resumable else None,
+            task=self.task.state_tensors() if resumable else None,
         )
 
     def check_resumable(self, meta: dict[str, Any], path: Path) -> None:
@@ -406,7 +408,7 @@ class Trainer:
         if name is None or name not in scores or (self.best is not None and scores[name] <= self.best["value"]):
             return
         self.best = {"metric": name, "value": scores[name], "epoch": epoch, "step": self.step}
-        self.save(self.best_path)
+        self.save(self.best_path, resumable=False)
 
     def evaluate(self) -> dict[str, float]:
         """The task's validation metrics (e.g. val_top1, or largest / smallest subnets of a supernet)."""
