@@ -95,3 +95,45 @@ def test_a_rank_dying_mid_search_resumes_to_the_same_end(tmp_path):
     assert _read(tmp_path / "two") == _read(tmp_path / "one")
     resumed = [(tmp_path / f"calls-two.{r}").read_text().splitlines()[:-1] for r in (0, 1)]
     assert not set(sum(resumed, [])) & {json.loads(line)["key"] for line in kept}  # none redone
+
+
+def _pipeline_rank(rank: int, world: int, port: int, config: dict) -> None:
+    os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    from vitnas.pipeline import PipelineConfig, run_pipeline
+
+    try:
+        run_pipeline(PipelineConfig(**config), device="cpu")
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_pipeline_search_under_two_ranks_equals_one_process(tmp_path):
+    from test_pipeline import QUICK
+    from vitnas.pipeline import PipelineConfig, run_pipeline
+
+    search = {**QUICK["search"], "constraints": {"params": [None, 120000], "latency_ms": [None, 1000]}}
+    base = {**QUICK, "search": search, "finetune_epochs": 0, "onnx": False, "latency_check": 0}
+    first = run_pipeline(PipelineConfig(**{**base, "out_dir": str(tmp_path / "a")}), device="cpu")
+    ckpt = str(tmp_path / "a" / "supernet" / "last.safetensors")
+    one = run_pipeline(PipelineConfig(**{**base, "checkpoint": ckpt, "out_dir": str(tmp_path / "one")}))
+    two = {**base, "checkpoint": ckpt, "out_dir": str(tmp_path / "two")}
+    mp.start_processes(_pipeline_rank, args=(2, _free_port(), two), nprocs=2, start_method="spawn")
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert summary["best"]["arch"] == one["best"]["arch"] == first["best"]["arch"]
+    for name in ("evolution", "random"):
+        rows = []
+        for d in ("one", "two"):
+            lines = (tmp_path / d / "search" / name / "candidates.jsonl").read_text().splitlines()
+            rows.append([(r["key"], r["top1"], r["loss"]) for r in map(json.loads, lines)])
+        assert rows[0] == rows[1] and len(rows[0]) > 6
+        assert summary["strategies"][name] == one["strategies"][name]
+    assert (tmp_path / "two" / "export" / "model.safetensors").is_file()

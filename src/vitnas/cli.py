@@ -94,10 +94,15 @@ def _run_pipeline(cfg, fresh: bool) -> int:
         if done >= total:
             bar.close()
 
+    import os
+
     t0 = time.perf_counter()
-    s = run_pipeline(cfg, progress=progress, resume=not fresh)
+    main_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 shows and prints
+    s = run_pipeline(cfg, progress=progress if main_rank else None, resume=not fresh)
     for bar in bars.values():
         bar.close()
+    if not main_rank:
+        return 0
     print()
     print(summary_text(s))
     print(

@@ -29,8 +29,9 @@ from vitnas.pipeline.stages import (
     supernet_test_top1,
 )
 from vitnas.report import top1_standard_error
-from vitnas.search import Constraints, SearchConfig
+from vitnas.search import Constraints, SearchConfig, torch_workers
 from vitnas.space.arch import ArchConfig
+from vitnas.train.dist import init_distributed
 from vitnas.train.runtime import runtime_settings
 
 __all__ = ["PipelineConfig", "Progress", "choose_weights", "run_pipeline"]
@@ -47,18 +48,20 @@ def run_pipeline(
 ) -> dict[str, Any]:
     """Run every stage; returns the summary (also written to out_dir/summary.json). `progress(stage,
     done, total, info)` is called as each stage advances."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ValueError(
-            "vitnas search runs as one process; train the supernet with torchrun "
-            "(vitnas train-supernet) and pass it here with --checkpoint"
-        )
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     scfg = SearchConfig.from_dict(cfg.search, source=f"{cfg.source}: search")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    run = Run(cfg, out, device, progress, resume, scfg, Constraints.from_dict(scfg.constraints))
-    if not resume:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun: DDP training, candidates sharded over ranks
+        info = init_distributed(device)
+        if device.type == "cuda":
+            device = torch.device("cuda", info.local_rank)
+            torch.cuda.set_device(device)
+    workers = torch_workers()
+    run = Run(cfg, out, device, progress, resume, scfg, Constraints.from_dict(scfg.constraints), workers)
+    if not resume and workers.is_main:
         _move_aside_old_checkpoints(out)
+    workers.barrier()
     # The training config's threads / deterministic settings hold for the whole run, search included.
     with runtime_settings(cfg.train.get("threads"), bool(cfg.train.get("deterministic", False))):
         supernet_stage(run)
@@ -110,6 +113,9 @@ def _export_stage(run: Run) -> dict[str, Any]:
         last = ft.history[-1]["val_top1"] if ft.history else None
         record["finetune"] = {"epochs": run.cfg.finetune_epochs, "val_top1_last": last, "best": ft.best}
     record["weights"] = weights
+    if not run.workers.is_main:  # the other ranks helped train and search; rank 0 measures and writes
+        run.workers.barrier()
+        return json.loads((run.out / "summary.json").read_text())
     log.info("exporting %s with weights %s", best_arch.key(), weights)
     model = model.eval().to(run.device)
     test = evaluate(model, data.test, img_size=img_size, norm=norm, device=run.device)  # reported, never ranked on
@@ -166,4 +172,5 @@ def _write_summary(run: Run, best: dict[str, Any], export_dir: Path) -> dict[str
         "seconds": run.timings,
     }
     atomic_write_text(run.out / "summary.json", json.dumps(summary, indent=1, default=str))
+    run.workers.barrier()
     return summary

@@ -21,7 +21,7 @@ from vitnas.evaluation import evaluate
 from vitnas.models.spec import load_model
 from vitnas.pipeline.config import PipelineConfig
 from vitnas.report import plot_candidates, plot_progress
-from vitnas.search import Constraints, SearchConfig, build_strategy, pareto_front, run_search
+from vitnas.search import Constraints, SearchConfig, Workers, build_strategy, pareto_front, run_search
 from vitnas.search.evaluator import SupernetEvaluator
 from vitnas.space.arch import ArchConfig
 from vitnas.train import StepInfo, TrainConfig, Trainer
@@ -45,6 +45,7 @@ class Run:
     resume: bool
     search: SearchConfig
     constraints: Constraints
+    workers: Workers = field(default_factory=Workers)  # the ranks under torchrun (search is sharded over them)
     timings: dict[str, float] = field(default_factory=dict)
     # supernet stage
     ckpt: Path | None = None
@@ -102,9 +103,23 @@ def _costs(run: Run) -> None:
     supernet, scfg = run.supernet, run.search
     run.costs = {"params": supernet.num_params, "macs": supernet.num_macs}
     if "latency_ms" in run.constraints.windows or scfg.cost == "latency_ms":
-        run.lut = LatencyTable.build(supernet.space, supernet.vit_config, batch=scfg.latency_batch, device=run.device)
+        lut = None
+        if run.workers.is_main:  # measured once; every rank must search with the same table
+            lut = LatencyTable.build(supernet.space, supernet.vit_config, batch=scfg.latency_batch, device=run.device)
+        run.lut = _from_main(run, lut)
         run.costs["latency_ms"] = run.lut.predict
     run.ranges = run.constraints.check_feasible(supernet.space, run.costs)
+
+
+def _from_main(run: Run, obj: Any) -> Any:
+    """Rank 0's `obj` on every rank (a measured table), or `obj` itself in one process."""
+    if run.workers.world == 1:
+        return obj
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def search_stage(run: Run) -> None:
@@ -145,11 +160,15 @@ def search_stage(run: Run) -> None:
             resume=run.resume,
             progress=_search_progress(run, f"search ({name})"),
             config=identity,
+            workers=run.workers,
         )
     run.timings["search"] = time.perf_counter() - t
     if run.results[scfg.strategy].best is None:
         raise RuntimeError("the search evaluated no candidate")
-    _plots(run)
+    main = run.results[scfg.strategy]
+    run.fronts = {c: pareto_front(main.candidates, c) for c in ("params", "macs")}
+    if run.workers.is_main:
+        _plots(run)
 
 
 def _search_progress(run: Run, stage: str) -> Callable[[int, int, dict], None] | None:
@@ -161,8 +180,7 @@ def _search_progress(run: Run, stage: str) -> Callable[[int, int, dict], None] |
 
 
 def _plots(run: Run) -> None:
-    main = run.results[run.search.strategy]
-    run.fronts = fronts = {c: pareto_front(main.candidates, c) for c in ("params", "macs")}
+    main, fronts = run.results[run.search.strategy], run.fronts
     title = f"{run.search.strategy} search on {run.data.name}: validation top-1 vs cost"
     run.plots = [
         plot_candidates(main.candidates, fronts, run.out / "candidates.png", title=title),
