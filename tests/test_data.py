@@ -90,6 +90,10 @@ def test_large_images_stream(tmp_path):
     assert data.train.images is None and data.image_size == 73  # loaded at img_size / 0.875, cropped later
     batches = list(data.train.batches([np.array([0, 1]), np.array([2, 3])]))
     assert batches[0][0].shape == (2, 3, 73, 73) and batches[0][0].dtype == torch.uint8
+    images, labels = data.train.take(np.array([3, 2]))  # in-process, as the loader's batch
+    assert torch.equal(images, batches[1][0].flip(0)) and torch.equal(labels, batches[1][1].flip(0))
+    first, second = data.train.digest(), load_data(tmp_path, img_size=64, val_per_class=1, workers=0).train.digest()
+    assert first == second and first != data.val.digest()
 
 
 def test_holdout_split_is_seeded_disjoint_and_balanced():

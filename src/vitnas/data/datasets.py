@@ -71,6 +71,15 @@ class Split:
         )
         yield from loader
 
+    def take(self, index: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """The images and labels at `index`, decoded in this process (a few images, e.g. mixing partners,
+        where starting DataLoader workers would cost more than the decoding)."""
+        if self.images is not None:
+            t = torch.as_tensor(index, dtype=torch.long)
+            return self.images[t], self.labels[t]
+        items = [_Streaming(self)[int(i)] for i in index]
+        return torch.stack([x for x, _ in items]), torch.stack([y for _, y in items])
+
     def digest(self) -> str:
         """Names these exact images: blake2b of the pixels and labels of a cached split, or of the file
         list (class folder / name) with sizes and labels of a streamed one."""

@@ -228,5 +228,5 @@ def replay_from_split(
         return aug(images, labels, seeds)
     if partners is None or partner_seeds is None:
         raise ValueError("this recipe mixes images: pass each image's partner and the partner's seed")
-    partner_images, partner_labels = next(iter(split.batches([np.asarray(partners)])))
+    partner_images, partner_labels = split.take(np.asarray(partners))
     return aug(images, labels, seeds, partner_images.to(images.device), partner_labels, partner_seeds)

@@ -36,7 +36,6 @@ class StoredLogitsTask(StudentTask):
         super().__init__(cfg, student)
         self.store = LogitStore(cfg.distill_logits)
         self.data: Any = None
-        self._looked_up: tuple[np.ndarray, int, torch.Tensor, torch.Tensor] | None = None
 
     def store_epoch(self, epoch: int) -> int:
         """The stored epoch that training epoch `epoch` reads (cycled with reuse_epochs)."""
@@ -84,29 +83,20 @@ class StoredLogitsTask(StudentTask):
             if index is None:
                 raise ValueError("stored logits are looked up by image: train_step needs the batch's dataset indices")
             e = self.store_epoch(epoch)
-            seeds, top_idx, top_val = self.store.lookup(e, index)
+            seeds = self.store.lookup(e, index)[0]
             partners = partner_seeds = None
             if aug.mixes:
                 partners = mix_partners(seed, e, n)[index]
                 partner_seeds = self.store.lookup(e, partners)[0]
-            self._looked_up = (np.asarray(index), epoch, top_idx, top_val)
             return replay_from_split(aug, self.data.train, index, images, labels, seeds, partners, partner_seeds)
 
         return replay
 
     def teacher_targets(self, batch: Batch) -> torch.Tensor:
-        """The dense teacher distribution of the batch's images, from the records its augmentation read."""
-        if (
-            self._looked_up is None
-            or self._looked_up[1] != batch.epoch
-            or not np.array_equal(self._looked_up[0], batch.index)
-        ):
-            index, epoch = batch.index, batch.epoch
-            if index is None:
-                raise ValueError("stored logits are looked up by image: the batch has no dataset indices")
-            _, top_idx, top_val = self.store.lookup(self.store_epoch(epoch), index)
-        else:
-            _, _, top_idx, top_val = self._looked_up
+        """The dense teacher distribution of the batch's images (a memory-mapped lookup by image)."""
+        if batch.index is None:
+            raise ValueError("stored logits are looked up by image: the batch has no dataset indices")
+        _, top_idx, top_val = self.store.lookup(self.store_epoch(batch.epoch), batch.index)
         return dense_targets(top_idx, top_val, self.store.num_classes).to(batch.images.device)
 
     def loss(self, batch: Batch) -> StepResult:
