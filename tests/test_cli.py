@@ -116,4 +116,4 @@ def test_keep_best_checkpoint_holds_the_best_evaluated_epoch(tmp_path):
     from safetensors import safe_open
 
     with safe_open(str(tmp_path / "r" / "best.safetensors"), "pt") as f:  # weights to export, no optimizer
-        assert "optimizer" not in best and not [k for k in f if not k.startswith(("model.", "ema."))]
+        assert "optimizer" not in best and not [k for k in f.keys() if not k.startswith(("model.", "ema."))]  # noqa: SIM118
