@@ -34,8 +34,8 @@ from vitnas.train.save_logits import SaveLogitsConfig, save_logits
 
 TEACHER = ArchConfig(160, 6, (4.0,) * 6, (4,) * 6)  # the cifar space's largest subnet
 STUDENT = ArchConfig(96, 4, (2.0,) * 4, (2,) * 4)  # its smallest
-# A Mini-DeiT at 32 px: 6 layers in 3 weight-shared pairs, width 96, 3 heads, patch 4 (64 tokens).
-MINI = dict(embed_dim=96, depth=6, num_heads=3, repeats=2, patch_size=4)
+# A Mini-DeiT at 32 px: 4 layers in 2 weight-shared pairs, width 96, 3 heads, patch 4 (64 tokens).
+MINI = dict(embed_dim=96, depth=4, num_heads=3, repeats=2, patch_size=4)
 
 
 def subset(data: ImageData, per_class: int, seed: int = 0) -> ImageData:
