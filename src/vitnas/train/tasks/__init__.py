@@ -12,6 +12,7 @@ from vitnas.train.tasks.base import (
     task_names,
 )
 from vitnas.train.tasks.kd import KDTask
+from vitnas.train.tasks.minivit import MiniViTTask
 from vitnas.train.tasks.registry import RegistryTask
 from vitnas.train.tasks.stored_logits import StoredLogitsTask
 from vitnas.train.tasks.supernet import SupernetTask, sample_step_archs
@@ -20,6 +21,7 @@ __all__ = [
     "ArchTask",
     "Batch",
     "KDTask",
+    "MiniViTTask",
     "RegistryTask",
     "StepResult",
     "StoredLogitsTask",
@@ -47,8 +49,6 @@ def resolve_task(cfg) -> Task:
     if cfg.distill_logits:
         return StoredLogitsTask(cfg, task)
     if cfg.teacher and cfg.distill == "minivit":
-        from vitnas.train.tasks.minivit import MiniViTTask
-
         return MiniViTTask(cfg, task)
     if cfg.teacher:
         return KDTask(cfg, task)
