@@ -119,14 +119,11 @@ class LogitStore:
         self.num_samples = int(self.manifest["num_samples"])
         self.dtype = record_dtype(self.topk, self.num_classes)
         self._maps: dict[int, np.memmap] = {}
-
-    @property
-    def epochs(self) -> int:
-        """Complete epochs: 0 .. epochs - 1 all have their file (a store being extended has more planned)."""
-        n = 0
-        while epoch_file(self.root, n).is_file():
-            n += 1
-        return n
+        # Complete epochs when opened: 0 .. epochs - 1 all have their file (a store being extended has
+        # more planned in its manifest). Counted once: training reads it every step.
+        self.epochs = 0
+        while epoch_file(self.root, self.epochs).is_file():
+            self.epochs += 1
 
     def records(self, epoch: int) -> np.memmap:
         if epoch not in self._maps:
@@ -140,12 +137,19 @@ class LogitStore:
             self._maps[epoch] = np.memmap(path, dtype=self.dtype, mode="r", shape=(self.num_samples,))
         return self._maps[epoch]
 
-    def lookup(self, epoch: int, index: np.ndarray) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
-        """(seeds int32, class indices (B, K) long, probabilities (B, K) float32) of images `index`."""
+    def seeds(self, epoch: int, index: np.ndarray) -> np.ndarray:
+        """The augmentation seeds (int32) of images `index` in `epoch`."""
+        return self._records(epoch, index)["seed"].copy()
+
+    def _records(self, epoch: int, index: np.ndarray) -> np.ndarray:
         index = np.asarray(index)
         if index.size and (index.min() < 0 or index.max() >= self.num_samples):
             raise IndexError(f"{self.root}: image index out of range 0..{self.num_samples - 1}")
-        rec = self.records(epoch)[index]
+        return self.records(epoch)[index]
+
+    def lookup(self, epoch: int, index: np.ndarray) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
+        """(seeds int32, class indices (B, K) long, probabilities (B, K) float32) of images `index`."""
+        rec = self._records(epoch, index)
         return (
             rec["seed"].copy(),
             torch.from_numpy(rec["index"].astype(np.int64)),

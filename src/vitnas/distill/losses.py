@@ -13,12 +13,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["KD_KINDS", "hard_kd_loss", "kd_loss", "soft_kd_loss"]
+__all__ = ["KD_KINDS", "hard_kd_loss", "kd_loss", "soft_cross_entropy", "soft_kd_loss"]
 
 KD_KINDS = ("soft", "hard")
 
 
-def _soft_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy against probability targets (mixup / cutmix / label smoothing / a teacher)."""
     return torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
 
 
@@ -40,4 +41,4 @@ def kd_loss(
     if kind not in KD_KINDS:
         raise ValueError(f"distill={kind!r}; expected one of {KD_KINDS}")
     distill = soft_kd_loss(student, teacher, tau) if kind == "soft" else hard_kd_loss(student, teacher)
-    return (1 - alpha) * _soft_ce(student, targets) + alpha * distill
+    return (1 - alpha) * soft_cross_entropy(student, targets) + alpha * distill

@@ -16,10 +16,10 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from vitnas.data.augment import AugmentConfig, BatchAugment
+from vitnas.distill.losses import soft_cross_entropy
 
 __all__ = [
     "Augment",
@@ -58,11 +58,6 @@ def task_class(name: str) -> type[Task]:
     if name not in _TASKS:
         raise ValueError(f"task={name!r}; expected one of {task_names()}")
     return _TASKS[name]
-
-
-def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy against probability targets (mixup / cutmix / label smoothing / a teacher)."""
-    return torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
 
 
 @dataclass

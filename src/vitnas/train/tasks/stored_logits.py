@@ -36,6 +36,7 @@ class StoredLogitsTask(StudentTask):
         super().__init__(cfg, student)
         self.store = LogitStore(cfg.distill_logits)
         self.data: Any = None
+        self._partners: tuple[int, np.ndarray] | None = None  # (stored epoch, each image's mixing partner)
 
     def store_epoch(self, epoch: int) -> int:
         """The stored epoch that training epoch `epoch` reads (cycled with reuse_epochs)."""
@@ -83,11 +84,13 @@ class StoredLogitsTask(StudentTask):
             if index is None:
                 raise ValueError("stored logits are looked up by image: train_step needs the batch's dataset indices")
             e = self.store_epoch(epoch)
-            seeds = self.store.lookup(e, index)[0]
+            seeds = self.store.seeds(e, index)
             partners = partner_seeds = None
             if aug.mixes:
-                partners = mix_partners(seed, e, n)[index]
-                partner_seeds = self.store.lookup(e, partners)[0]
+                if self._partners is None or self._partners[0] != e:  # one permutation per epoch, not per step
+                    self._partners = (e, mix_partners(seed, e, n))
+                partners = self._partners[1][index]
+                partner_seeds = self.store.seeds(e, partners)
             return replay_from_split(aug, self.data.train, index, images, labels, seeds, partners, partner_seeds)
 
         return replay
