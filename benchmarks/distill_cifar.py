@@ -22,8 +22,6 @@ import logging
 import time
 from pathlib import Path
 
-import numpy as np
-
 from vitnas import ArchConfig
 from vitnas.data import AugmentConfig, ImageData, load_data
 from vitnas.evaluation import evaluate
@@ -36,17 +34,6 @@ TEACHER = ArchConfig(160, 6, (4.0,) * 6, (4,) * 6)  # the cifar space's largest 
 STUDENT = ArchConfig(96, 4, (2.0,) * 4, (2,) * 4)  # its smallest
 # A Mini-DeiT at 32 px: 4 layers in 2 weight-shared pairs, width 96, 3 heads, patch 4 (64 tokens).
 MINI = dict(embed_dim=96, depth=4, num_heads=3, repeats=2, patch_size=4)
-
-
-def subset(data: ImageData, per_class: int, seed: int = 0) -> ImageData:
-    """`per_class` training images of every class (seeded), the validation and test splits unchanged."""
-    if per_class <= 0:
-        return data
-    labels = data.train.labels.numpy()
-    rng = np.random.default_rng([seed, 4099])
-    keep = [rng.permutation(np.flatnonzero(labels == c))[:per_class] for c in np.unique(labels)]
-    keep = np.sort(np.concatenate(keep))
-    return ImageData(data.name, data.classes, data.train.subset(keep), data.val, data.test)
 
 
 def test_top1(ckpt: Path, data: ImageData) -> float:
@@ -83,7 +70,9 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    data = subset(load_data(args.data, img_size=32, val_per_class=100, seed=0), args.train_per_class)
+    data = load_data(args.data, img_size=32, val_per_class=100, seed=0)
+    if args.train_per_class > 0:
+        data = data.with_train_per_class(args.train_per_class)
     base = dict(space="cifar", img_size=32, recipe="cifar", lr=args.lr, batch_size=128, threads=args.threads, seed=0)
     base.update(val_per_class=100, data_path=str(Path(args.data).resolve()), warmup_epochs=1.0, drop_path=0.0)
     t0 = time.perf_counter()

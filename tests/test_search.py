@@ -45,7 +45,7 @@ def run(name, tmp_path, constraints=None, seed=0, generations=4, evaluate=fake_a
     )
 
 
-@pytest.mark.parametrize("name", ["evolution", "random", "nsga2"])
+@pytest.mark.parametrize("name", ["evolution", "random", "nsga2", "predictor-evolution"])
 def test_strategies_are_deterministic_constrained_and_deduplicated(tmp_path, name):
     window = Constraints.from_dict({"params": [6.0e6, 8.0e6], "macs": [None, 1.8e9]})
     a = run(name, tmp_path / "a", window)
@@ -79,7 +79,7 @@ def test_infeasible_constraint_fails_at_once():
         Constraints.from_dict({"params": [5, 2]})
 
 
-@pytest.mark.parametrize("name", ["evolution", "nsga2"])
+@pytest.mark.parametrize("name", ["evolution", "nsga2", "predictor-evolution"])
 def test_interrupted_search_resumes_to_the_same_result(tmp_path, name):
     full = run(name, tmp_path / "full", generations=4)
     calls = []

@@ -135,6 +135,16 @@ class ImageData:
             f"val {len(self.val)} (held out from train), test {len(self.test)}"
         )
 
+    def with_train_per_class(self, per_class: int, seed: int = 0) -> ImageData:
+        """`per_class` training images of every class (seeded; all of a class that has fewer), with the
+        validation and test splits unchanged: a smaller training set for budgeted experiments."""
+        if per_class <= 0:
+            raise ValueError(f"{self.name}: per_class={per_class}; expected a positive number of images per class")
+        labels = self.train.labels.numpy()
+        rng = np.random.default_rng([seed, 4099])
+        keep = [rng.permutation(np.flatnonzero(labels == c))[:per_class] for c in np.unique(labels)]
+        return ImageData(self.name, self.classes, self.train.subset(np.sort(np.concatenate(keep))), self.val, self.test)
+
 
 def holdout_split(
     labels: torch.Tensor, per_class: int, seed: int, classes: list[str] | None = None

@@ -21,6 +21,8 @@ __all__ = [
     "MUTATIONS",
     "PARENTS",
     "POPULATION",
+    "PREDICTOR",
+    "PREDICTOR_POOL",
     "SEED",
     "STRATEGY",
 ]
@@ -31,6 +33,8 @@ GENERATIONS = 20
 PARENTS = 10  # evolution: top candidates kept as parents
 MUTATIONS = 25  # evolution: mutants per generation
 CROSSOVERS = 25  # evolution: crossover children per generation
+PREDICTOR = "gbr"  # predictor-evolution: the accuracy predictor (gbr | rf | mlp)
+PREDICTOR_POOL = 10  # predictor-evolution: archs proposed (and predicted) per arch evaluated
 SEED = 0
 MAX_TRIES = 5000  # random draws per generation before giving up on finding new feasible archs
 COST = "params"  # the cost of the Pareto front (and NSGA-II's second objective)

@@ -32,7 +32,7 @@ Evaluate = Callable[[ArchConfig], Mapping[str, float]]
 
 @dataclass
 class SearchConfig:
-    strategy: str = D.STRATEGY  # evolution | random | nsga2
+    strategy: str = D.STRATEGY  # evolution | random | nsga2 | predictor-evolution
     population: int = D.POPULATION
     generations: int = D.GENERATIONS
     parents: int = D.PARENTS  # evolution: top candidates kept as parents
@@ -41,6 +41,8 @@ class SearchConfig:
     layer_prob: float = D.LAYER_PROB  # mutation probability of each layer's mlp ratio and heads
     depth_prob: float = D.DEPTH_PROB
     embed_prob: float = D.EMBED_PROB
+    predictor: str = D.PREDICTOR  # predictor-evolution: gbr (boosted trees) | rf (random forest) | mlp
+    predictor_pool: int = D.PREDICTOR_POOL  # predictor-evolution: archs proposed per evaluated one
     seed: int = D.SEED
     constraints: dict[str, Any] = field(default_factory=dict)  # e.g. {params: [null, 5.0e6], macs: [...]}
     cost: str = D.COST  # the cost of the Pareto front (and NSGA-II's second objective): params | macs | latency_ms
@@ -56,7 +58,11 @@ class SearchConfig:
             raise ValueError(f"{source}: strategy={self.strategy!r}; expected one of {sorted(STRATEGIES)}")
         if self.cost not in COSTS:
             raise ValueError(f"{source}: cost={self.cost!r}; expected one of {list(COSTS)}")
-        for name in ("population", "generations", "parents", "batch_size", "latency_batch"):
+        from vitnas.search.predictor import PREDICTORS
+
+        if self.predictor not in PREDICTORS:
+            raise ValueError(f"{source}: predictor={self.predictor!r}; expected one of {list(PREDICTORS)}")
+        for name in ("population", "generations", "parents", "batch_size", "latency_batch", "predictor_pool"):
             check_range(source, name, getattr(self, name), 1)
         for name in ("mutations", "crossovers", "seed"):
             check_range(source, name, getattr(self, name), 0)
@@ -90,6 +96,8 @@ class SearchConfig:
             layer_prob=self.layer_prob,
             depth_prob=self.depth_prob,
             embed_prob=self.embed_prob,
+            predictor=self.predictor,
+            pool=self.predictor_pool,
         )
 
 

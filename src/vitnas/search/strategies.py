@@ -24,10 +24,19 @@ from vitnas.search.defaults import (
     POPULATION,
     SEED,
 )
+from vitnas.search.predictor import MIN_FIT, AccuracyPredictor
 from vitnas.space.arch import ArchConfig
 from vitnas.space.space import SearchSpace
 
-__all__ = ["Strategy", "EvolutionSearch", "RandomSearch", "NSGA2Search", "build_strategy", "STRATEGIES"]
+__all__ = [
+    "STRATEGIES",
+    "EvolutionSearch",
+    "NSGA2Search",
+    "PredictorEvolutionSearch",
+    "RandomSearch",
+    "Strategy",
+    "build_strategy",
+]
 
 log = logging.getLogger(__name__)
 Feasible = Callable[[ArchConfig], bool]
@@ -300,7 +309,66 @@ class NSGA2Search(_Base):
             self.tell(asked, scores)
 
 
-STRATEGIES = {cls.name: cls for cls in (EvolutionSearch, RandomSearch, NSGA2Search)}
+class PredictorEvolutionSearch(EvolutionSearch):
+    name = "predictor-evolution"
+    """Evolution whose every generation proposes `pool` x `population` new archs (AutoFormer's mutation,
+    crossover and random proposals, in evolution's proportions), fits the predictor on every candidate
+    evaluated so far, and evaluates only the `population` archs it predicts best. Generations run
+    until `MIN_FIT` candidates are scored are plain evolution. Evaluations per generation are
+    evolution's, so the two compare at equal evaluation budget. The predictor is refitted from the
+    recorded scores, so a resumed run continues exactly."""
+
+    def __init__(self, space: SearchSpace, *, predictor: str = "gbr", pool: int = 10, **kwargs: Any) -> None:
+        super().__init__(space, **kwargs)
+        if pool < 1:
+            raise ValueError(f"predictor_pool={pool}; expected at least 1")
+        AccuracyPredictor(space, predictor)  # checks the kind now, not at generation 1
+        self.predictor, self.pool = predictor, pool
+        self._predicted: dict[str, float] = {}
+
+    def ask(self) -> list[ArchConfig]:
+        if len(self.scores) < MIN_FIT or self.pool == 1:
+            return super().ask()
+        seen = set(self.seen)
+        proposals: list[ArchConfig] = []
+        for _ in range(self.pool):  # each round marks its archs seen, so the rounds never repeat one
+            proposals += super().ask()
+        self.seen = seen
+        keys = sorted(self.scores)
+        model = AccuracyPredictor(self.space, self.predictor, seed=self.seed + self.generation)
+        model.fit([self.archs[k] for k in keys], [self.scores[k] for k in keys])
+        pred = model.predict(proposals)
+        order = np.argsort(-pred, kind="stable")[: self.population]
+        batch = [proposals[i] for i in order]
+        self.seen.update(a.key() for a in batch)
+        self._predicted = {a.key(): float(pred[i]) for a, i in zip(batch, order, strict=True)}
+        log.info(
+            "predictor (%s, fitted on %d): %d of %d proposals chosen, predicted top1 %.2f-%.2f",
+            self.predictor,
+            len(keys),
+            len(batch),
+            len(proposals),
+            float(pred[order[-1]]) if len(order) else float("nan"),
+            float(pred[order[0]]) if len(order) else float("nan"),
+        )
+        return batch
+
+    def tell(self, archs: Sequence[ArchConfig], scores: Sequence[float]) -> None:
+        pairs = [
+            (self._predicted[a.key()], s) for a, s in zip(archs, scores, strict=True) if a.key() in self._predicted
+        ]
+        if len(pairs) >= 3:
+            from scipy.stats import kendalltau
+
+            tau = kendalltau(*zip(*pairs, strict=True)).statistic
+            log.info(
+                "predictor on generation %d: Kendall tau %.2f between predicted and measured", self.generation, tau
+            )
+        self._predicted = {}
+        super().tell(archs, scores)
+
+
+STRATEGIES = {cls.name: cls for cls in (EvolutionSearch, RandomSearch, NSGA2Search, PredictorEvolutionSearch)}
 
 
 def build_strategy(name: str, space: SearchSpace, **kwargs: Any) -> Strategy:
@@ -309,7 +377,10 @@ def build_strategy(name: str, space: SearchSpace, **kwargs: Any) -> Strategy:
     cls = STRATEGIES[name]
     if name != "nsga2":
         kwargs.pop("cost", None)
-    if name != "evolution":
+    if name != "predictor-evolution":
+        kwargs.pop("predictor", None)
+        kwargs.pop("pool", None)
+    if name not in ("evolution", "predictor-evolution"):
         for key in ("parents", "mutations", "crossovers", "layer_prob", "depth_prob", "embed_prob"):
             kwargs.pop(key, None)
     return cls(space, **kwargs)
