@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PIP_INSTALL := $(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt
 
-.PHONY: install demo test test-all bench bench-cifar bench-kd bench-distill bench-distill-speed lint clean
+.PHONY: install demo test test-all bench bench-cifar bench-kd bench-distill bench-distill-speed bench-ranking lint clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -44,6 +44,11 @@ bench-distill: $(STAMP)
 # About 7 minutes: step times alone / with a live teacher / from a store, and save-logits throughput.
 bench-distill-speed: $(STAMP)
 	$(PY) benchmarks/distill.py --images 256 --steps 5 --rounds 3 --batch-size 32
+
+# About 75 minutes on 2 cores (needs ../shared/data/cifar10): supernet, 20 stratified archs trained alone,
+# fine-tuned from inherited weights; Kendall tau / Spearman rho with bootstrap intervals. GPU: add --setting gpu --device cuda.
+bench-ranking: $(STAMP)
+	$(PY) benchmarks/ranking.py --data ../shared/data/cifar10 --out runs/bench-ranking
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
