@@ -105,3 +105,31 @@ def test_search_config_takes_the_predictor_settings():
     assert build_strategy("random", SPACE, **cfg.strategy_kwargs()).name == "random"  # settings of others dropped
     with pytest.raises(ValueError, match="predictor='xgb'"):
         SearchConfig.from_dict({"predictor": "xgb"})
+
+
+def test_search_verdict_says_plainly_whether_search_beat_random():
+    from vitnas.report import search_verdict
+
+    def s(evo, rnd, se=0.5):
+        strategies = {"evolution": {"best_top1": evo, "best_top1_standard_error": se}}
+        strategies["random"] = {"best_top1": rnd, "best_top1_standard_error": se}
+        return search_verdict(strategies)
+
+    assert s(95.0, 92.0).startswith("evolution beat random search by 3.00")
+    assert "did NOT clearly beat" in s(94.5, 94.0)
+    assert "same best top-1" in s(94.0, 94.0)
+    assert "0.50 points lower" in s(93.5, 94.0)
+    assert search_verdict({"evolution": {"best_top1": 90.0}}) is None
+
+
+def test_equal_top1_goes_to_the_lower_validation_loss(tmp_path):
+    """Top-1 on a small validation set moves in whole images: the loss breaks the tie."""
+    archs = {}
+
+    def evaluate(arch):
+        archs[arch.key()] = arch
+        return {"top1": 90.0, "loss": 1.0 + len(archs) * 0.01 if len(archs) != 7 else 0.5}
+
+    strategy = build_strategy("random", SPACE, seed=0, generations=2, population=6)
+    r = run_search(strategy, evaluate, costs={"params": COSTS.params}, constraints=Constraints(), out_dir=tmp_path)
+    assert r.best["loss"] == 0.5

@@ -10,7 +10,14 @@ from typing import Any
 
 from vitnas._io import atomic_path
 
-__all__ = ["plot_candidates", "plot_progress", "summary_text", "table", "top1_standard_error"]
+__all__ = [
+    "plot_candidates",
+    "plot_progress",
+    "search_verdict",
+    "summary_text",
+    "table",
+    "top1_standard_error",
+]
 
 UNITS = {"params": "parameters", "macs": "MACs", "latency_ms": "latency"}
 
@@ -143,6 +150,29 @@ def table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
     return "\n".join([line.format(*header), line.format(*("-" * w for w in widths)), *(line.format(*r) for r in cells)])
 
 
+def search_verdict(strategies: Mapping[str, Mapping[str, Any]]) -> str | None:
+    """One plain sentence: did the main (first) strategy beat random search at equal budget, by more
+    than two standard errors of the scores? None without a random baseline."""
+    names = list(strategies)
+    if len(names) < 2 or "random" not in strategies or names[0] == "random":
+        return None
+    main, rnd = strategies[names[0]], strategies["random"]
+    if main.get("best_top1") is None or rnd.get("best_top1") is None:
+        return None
+    d = main["best_top1"] - rnd["best_top1"]
+    se = math.hypot(main.get("best_top1_standard_error") or 0.0, rnd.get("best_top1_standard_error") or 0.0)
+    if d > 2 * se:
+        return f"{names[0]} beat random search by {d:.2f} points (more than two standard errors, {2 * se:.2f})."
+    if d > 0:
+        return (
+            f"{names[0]} did NOT clearly beat random search: its best is {d:.2f} points higher, within two "
+            f"standard errors ({2 * se:.2f}); on this validation set the two are not told apart."
+        )
+    if d == 0:
+        return f"{names[0]} did NOT beat random search: both found the same best top-1 ({main['best_top1']:.2f}%)."
+    return f"{names[0]} did NOT beat random search: its best is {-d:.2f} points lower."
+
+
 def summary_text(s: dict[str, Any]) -> str:
     """The pipeline's summary.json as the tables `vitnas search` prints."""
     parts: list[str] = []
@@ -166,6 +196,12 @@ def summary_text(s: dict[str, Any]) -> str:
         f"(on {s['val_images']} validation images one image is {one:.2f} points; best scores closer than about "
         f"two standard errors are not told apart)"
     )
+    for name, r in s["strategies"].items():
+        curve = r.get("best_per_generation") or []
+        parts.append(f"best so far by generation, {name}: " + " ".join(f"{v:.1f}" for v in curve))
+    verdict = search_verdict(s["strategies"])
+    if verdict:
+        parts.append(verdict)
     parts.append("\nPareto front (accuracy vs parameters)")
     parts.append(
         table(

@@ -156,6 +156,7 @@ def _write_summary(run: Run, best: dict[str, Any], export_dir: Path) -> dict[str
             n: {
                 "evaluations": len(r.candidates),
                 "best_top1": r.best["top1"] if r.best else None,
+                "best_loss": r.best.get("loss") if r.best else None,
                 "best_top1_standard_error": top1_standard_error(r.best["top1"], n_val) if r.best else None,
                 "best_per_generation": r.best_per_generation,
             }

@@ -336,7 +336,8 @@ def run_search(
         log.info("%s generation %d: %d candidates, best top1 %.2f", _name(strategy), gen, len(archs), best_per_gen[-1])
     rows = [r for r in rows if constraints.satisfied(r)]
     front = pareto_front(rows, cost)
-    best = max(rows, key=lambda r: (r["top1"], -r[cost])) if rows else None
+    # ties in top-1 (a score moves in steps of one image) go to the lower validation loss, then the cheaper
+    best = max(rows, key=lambda r: (r["top1"], -r.get("loss", 0.0), -r[cost])) if rows else None
     if workers.is_main:
         _write_results(out, best, front, best_per_gen)
     workers.barrier()
