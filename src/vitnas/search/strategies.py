@@ -313,8 +313,8 @@ class PredictorEvolutionSearch(EvolutionSearch):
     name = "predictor-evolution"
     """Evolution whose every generation proposes `pool` x `population` new archs (AutoFormer's mutation,
     crossover and random proposals, in evolution's proportions), fits the predictor on every candidate
-    evaluated so far, and evaluates only the `population` archs it predicts best. Generations run
-    until `MIN_FIT` candidates are scored are plain evolution. Evaluations per generation are
+    evaluated so far, and evaluates only the `population` archs it predicts best. Until `MIN_FIT`
+    candidates are scored, generations are plain evolution. Evaluations per generation are
     evolution's, so the two compare at equal evaluation budget. The predictor is refitted from the
     recorded scores, so a resumed run continues exactly."""
 
