@@ -22,12 +22,12 @@ import logging
 import time
 from pathlib import Path
 
+from _runs import fit, test_top1
 from vitnas import ArchConfig
-from vitnas.data import AugmentConfig, ImageData, load_data
-from vitnas.evaluation import evaluate
+from vitnas.data import ImageData, load_data
 from vitnas.export import export_subnet
 from vitnas.models.spec import load_model
-from vitnas.train import TrainConfig, Trainer
+from vitnas.train import TrainConfig
 from vitnas.train.save_logits import SaveLogitsConfig, save_logits
 
 TEACHER = ArchConfig(160, 6, (4.0,) * 6, (4,) * 6)  # the cifar space's largest subnet
@@ -36,22 +36,13 @@ STUDENT = ArchConfig(96, 4, (2.0,) * 4, (2,) * 4)  # its smallest
 MINI = dict(embed_dim=96, depth=4, num_heads=3, repeats=2, patch_size=4)
 
 
-def test_top1(ckpt: Path, data: ImageData) -> float:
-    model, meta = load_model(ckpt)
-    return evaluate(model, data.test, img_size=meta["img_size"], norm=AugmentConfig.from_dict(meta["norm"]))["top1"]
-
-
 def train(out: Path, data: ImageData, base: dict, **kw) -> tuple[Path, float, float]:
     """(checkpoint, test top-1, seconds); an arch given as ArchConfig is written next to `out`."""
     if isinstance(kw.get("arch"), ArchConfig):
         kw["arch"].to_yaml(out.with_suffix(".yaml"))
         kw["arch"] = str(out.with_suffix(".yaml"))
-    cfg = TrainConfig(**{**base, **kw, "task": "subnet", "out_dir": str(out)})
-    trainer = Trainer(cfg, data=data, resume=True)
-    t = time.perf_counter()
-    if not trainer.is_finished():
-        trainer.fit()
-    return trainer.ckpt_path, test_top1(trainer.ckpt_path, data), time.perf_counter() - t
+    ckpt, seconds = fit(TrainConfig(**{**base, **kw, "task": "subnet", "out_dir": str(out)}), data)
+    return ckpt, test_top1(ckpt, data), seconds
 
 
 def main() -> None:

@@ -27,15 +27,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from _runs import fit, test_top1
 from vitnas._io import atomic_write_text
-from vitnas.data import AugmentConfig, ImageData, load_data
-from vitnas.evaluation import evaluate
+from vitnas.data import AugmentConfig, load_data
 from vitnas.models.spec import load_model
 from vitnas.search.evaluator import SupernetEvaluator
 from vitnas.search.ranking import rank_correlation, seed_noise, stratified_archs
 from vitnas.space.presets import PRESETS
 from vitnas.space.space import SearchSpace
-from vitnas.train import TrainConfig, Trainer
+from vitnas.train import TrainConfig
 
 log = logging.getLogger("ranking")
 
@@ -58,21 +58,6 @@ def build_space(out: Path, img_size: int, patch_size: int) -> Path:
     path = out / "space.yaml"
     SearchSpace(**kw).to_yaml(path)
     return path
-
-
-def fit(cfg: TrainConfig, data: ImageData, device: str) -> tuple[Path, float]:
-    """Train (or finish, or skip a finished) run; (its checkpoint, seconds spent now)."""
-    trainer = Trainer(cfg, data=data, device=device, resume=True)
-    t = time.perf_counter()
-    if not trainer.is_finished():
-        trainer.fit()
-    return trainer.ckpt_path, time.perf_counter() - t
-
-
-def test_top1(ckpt: Path, data: ImageData, device: str) -> float:
-    model, meta = load_model(ckpt)
-    norm = AugmentConfig.from_dict(meta["norm"])
-    return evaluate(model.to(device), data.test, img_size=meta["img_size"], norm=norm, device=device)["top1"]
 
 
 def rounded(d: dict) -> dict:
