@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vitnas.nn.relpos import relpos_index, relpos_logits, relpos_values
+from vitnas.nn.relpos import add_relpos_logits_, relpos_index, relpos_logits, relpos_values
 
 
 def pair_embeddings(table_v, table_h, grid, max_distance, prefix):
@@ -47,6 +47,17 @@ def test_bucketed_products_equal_per_pair(grid, max_distance, prefix):
     w1, w2 = torch.randn_like(want_k), torch.randn_like(want_v)
     want = torch.autograd.grad((want_k * w1).sum() + (want_v * w2).sum(), (q, attn, tv, th))
     got = torch.autograd.grad((got_k * w1).sum() + (got_v * w2).sum(), (q, attn, tv, th))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+
+    # The in-place form (added into a matmul's logits, as attention does) gives the same values and gradients.
+    k = torch.randn(B, H, N, d, dtype=torch.float64, requires_grad=True)
+    emb = pair_embeddings(tv, th, grid, max_distance, prefix)
+    want_l = q @ k.transpose(-2, -1) + torch.einsum("bhid,ijd->bhij", q, emb)
+    got_l = add_relpos_logits_(q @ k.transpose(-2, -1), q, tables, rp)
+    torch.testing.assert_close(got_l, want_l)
+    want = torch.autograd.grad((want_l * w1).sum(), (q, k, tv, th))
+    got = torch.autograd.grad((got_l * w1).sum(), (q, k, tv, th))
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w)
 

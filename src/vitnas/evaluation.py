@@ -11,6 +11,7 @@ from torch import nn
 
 from vitnas.data.augment import AugmentConfig, eval_transform
 from vitnas.data.datasets import Split
+from vitnas.precision import autocast
 from vitnas.space.arch import ArchConfig
 
 __all__ = ["evaluate", "score_batches"]
@@ -29,9 +30,10 @@ def evaluate(
     rank: int = 0,
     world: int = 1,
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    amp_dtype: torch.dtype | None = None,
 ) -> dict[str, float]:
     """{'top1': %, 'loss': mean CE, 'n': images}. With `world` > 1 each rank takes a shard and `reduce`
-    (an all-reduce sum) combines the counts."""
+    (an all-reduce sum) combines the counts. `amp_dtype` runs the model under autocast (None: fp32)."""
     was_training = model.training
     model.eval()
     ctx = model.active(arch) if arch is not None else contextlib.nullcontext()
@@ -43,7 +45,7 @@ def evaluate(
     )
     try:
         with ctx:
-            return score_batches(model, batches, reduce)
+            return score_batches(model, batches, reduce, amp_dtype)
     finally:
         model.train(was_training)
 
@@ -53,12 +55,15 @@ def score_batches(
     model: nn.Module,
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    amp_dtype: torch.dtype | None = None,
 ) -> dict[str, float]:
     """{'top1', 'loss', 'n'} of `model` over normalized (images, labels) batches; `reduce` combines the
-    counts across ranks."""
+    counts across ranks; `amp_dtype` runs the model under autocast (the loss is computed in fp32)."""
     totals = torch.zeros(3, dtype=torch.float64)
     for x, labels in batches:
-        logits = model(x).float()
+        with autocast(x.device, amp_dtype):
+            logits = model(x)
+        logits = logits.float()
         totals[0] += F.cross_entropy(logits, labels, reduction="sum").item()
         totals[1] += (logits.argmax(-1) == labels).sum().item()
         totals[2] += labels.numel()

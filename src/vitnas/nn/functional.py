@@ -12,7 +12,7 @@ from typing import NamedTuple
 import torch.nn.functional as F
 from torch import Tensor
 
-from vitnas.nn.relpos import RelPosIndex, relpos_logits, relpos_values
+from vitnas.nn.relpos import RelPosIndex, add_relpos_logits_, relpos_values
 
 __all__ = ["IRPEInputs", "RelPosInputs", "attention", "mlp", "drop_path"]
 
@@ -62,7 +62,7 @@ def attention(
         q = q * scale
         logits = q @ k.transpose(-2, -1)
         if relpos is not None and relpos.tables_k is not None:
-            logits = logits + relpos_logits(q, relpos.tables_k, relpos.index)
+            logits = add_relpos_logits_(logits, q, relpos.tables_k, relpos.index)
         if irpe is not None and irpe.k is not None:  # iRPE on keys: the scaled query against the table
             logits = logits + irpe.k(q, irpe.grid, head_dim)
         if irpe is not None and irpe.q is not None:  # on queries: the scaled key, transposed (reference order)
@@ -72,7 +72,7 @@ def attention(
             attn = F.dropout(attn, p, training=True)
         out = attn @ v
         if relpos is not None and relpos.tables_v is not None:
-            out = out + relpos_values(attn, relpos.tables_v, relpos.index)
+            out = out.add_(relpos_values(attn, relpos.tables_v, relpos.index))
         if irpe is not None and irpe.v is not None:
             out = out + irpe.v(attn, irpe.grid, head_dim)
     out = out.transpose(1, 2).reshape(B, N, num_heads * head_dim)

@@ -21,7 +21,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-__all__ = ["RelativePosition2D", "RelPosIndex", "relpos_index", "relpos_logits", "relpos_values"]
+__all__ = ["RelativePosition2D", "RelPosIndex", "add_relpos_logits_", "relpos_index", "relpos_logits", "relpos_values"]
 
 
 class RelativePosition2D(nn.Module):
@@ -86,17 +86,38 @@ def _num_prefix(n_tokens: int, grid: tuple[int, int]) -> int:
     return n_tokens - grid[0] * grid[1]
 
 
-def relpos_logits(q: Tensor, tables: Tensor, rp: RelPosIndex) -> Tensor:
-    """(q . r(i,j)) for all pairs: q (B, H, N, d), tables (2T, d) -> (B, H, N, N)."""
+def _bucket_scores(q: Tensor, tables: Tensor, rp: RelPosIndex) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """q against every bucket, gathered per query: (cls-v, rows, cls-h, cols), each (B, H, N, .)."""
     B, H, N, _ = q.shape
     gh, gw = rp.grid
     scores = q @ tables.t()  # (B, H, N, 2T)
     g = torch.gather(scores, -1, rp.index.expand(B, H, N, rp.index.shape[-1]))
-    cls_v, rows, cls_h, cols = g.split([1, gh, 1, gw], dim=-1)
+    return g.split([1, gh, 1, gw], dim=-1)
+
+
+def relpos_logits(q: Tensor, tables: Tensor, rp: RelPosIndex) -> Tensor:
+    """(q . r(i,j)) for all pairs: q (B, H, N, d), tables (2T, d) -> (B, H, N, N)."""
+    cls_v, rows, cls_h, cols = _bucket_scores(q, tables, rp)
     patch = (rows.unsqueeze(-1) + cols.unsqueeze(-2)).flatten(-2)  # (B, H, N, gh*gw)
-    if _num_prefix(N, rp.grid) == 0:
+    if _num_prefix(q.shape[2], rp.grid) == 0:
         return patch
     return torch.cat([cls_v + cls_h, patch], dim=-1)
+
+
+def add_relpos_logits_(logits: Tensor, q: Tensor, tables: Tensor, rp: RelPosIndex) -> Tensor:
+    """`logits += relpos_logits(q, tables, rp)` in place, without building the (B, H, N, N) term: the row
+    and column scores are broadcast-added into the patch keys' logits. `logits` must not be needed by
+    autograd as it was (true of a matmul's output). Under ONNX export or tracing, whose graphs do not keep
+    writes into views, it returns the out-of-place sum instead."""
+    if torch.onnx.is_in_onnx_export() or torch.jit.is_tracing():
+        return logits + relpos_logits(q, tables, rp)
+    cls_v, rows, cls_h, cols = _bucket_scores(q, tables, rp)
+    prefix = _num_prefix(q.shape[2], rp.grid)
+    patch = logits[..., prefix:].unflatten(-1, rp.grid)  # (B, H, N, gh, gw), a view
+    patch.add_(rows.unsqueeze(-1)).add_(cols.unsqueeze(-2))
+    if prefix:
+        logits[..., :1].add_(cls_v + cls_h)
+    return logits
 
 
 def relpos_values(attn: Tensor, tables: Tensor, rp: RelPosIndex) -> Tensor:

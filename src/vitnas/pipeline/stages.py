@@ -20,8 +20,9 @@ from vitnas.data import AugmentConfig, ImageData, load_data_of
 from vitnas.evaluation import evaluate
 from vitnas.models.spec import load_model
 from vitnas.pipeline.config import PipelineConfig
+from vitnas.precision import amp_dtype
 from vitnas.report import plot_candidates, plot_progress
-from vitnas.search import Constraints, SearchConfig, Workers, build_strategy, pareto_front, run_search
+from vitnas.search import Constraints, Halving, SearchConfig, Workers, build_strategy, pareto_front, run_search
 from vitnas.search.evaluator import SupernetEvaluator
 from vitnas.space.arch import ArchConfig
 from vitnas.train import StepInfo, TrainConfig, Trainer
@@ -135,13 +136,13 @@ def search_stage(run: Run) -> None:
         batch_size=scfg.batch_size,
         device=run.device,
         bilateral=bool(tcfg.get("bilateral", False)) or space.bilateral,
+        amp_dtype=amp_dtype(scfg.amp, run.device),
     )
-    memo: dict[str, dict[str, float]] = {}  # the baseline reuses scores of archs the main search evaluated
-
-    def evaluate_once(arch: ArchConfig) -> dict[str, float]:
-        if arch.key() not in memo:
-            memo[arch.key()] = evaluator(arch)
-        return memo[arch.key()]
+    evaluate_once = _memoized(evaluator)  # the baseline reuses scores of archs the main search evaluated
+    halving = None
+    if scfg.halving:
+        screen, finish = evaluator.parts(scfg.halving, seed=tcfg.get("seed", 0))
+        halving = Halving(_memoized(screen), _memoized(finish), len(screen), len(finish), scfg.halving_keep)
 
     def feasible(arch: ArchConfig) -> bool:
         return run.constraints.satisfied({name: run.costs[name](arch) for name in run.constraints.windows})
@@ -161,6 +162,7 @@ def search_stage(run: Run) -> None:
             progress=_search_progress(run, f"search ({name})"),
             config=identity,
             workers=run.workers,
+            halving=halving,
         )
     run.timings["search"] = time.perf_counter() - t
     if run.results[scfg.strategy].best is None:
@@ -169,6 +171,17 @@ def search_stage(run: Run) -> None:
     run.fronts = {c: pareto_front(main.candidates, c) for c in ("params", "macs")}
     if run.workers.is_main:
         _plots(run)
+
+
+def _memoized(evaluate: Callable[[ArchConfig], dict[str, float]]) -> Callable[[ArchConfig], dict[str, float]]:
+    memo: dict[str, dict[str, float]] = {}
+
+    def evaluate_once(arch: ArchConfig) -> dict[str, float]:
+        if arch.key() not in memo:
+            memo[arch.key()] = evaluate(arch)
+        return memo[arch.key()]
+
+    return evaluate_once
 
 
 def _search_progress(run: Run, stage: str) -> Callable[[int, int, dict], None] | None:

@@ -9,12 +9,14 @@ from __future__ import annotations
 from vitnas.space.space import DEPTH_PROB, EMBED_PROB, LAYER_PROB
 
 __all__ = [
+    "AMP",
     "COST",
     "CROSSOVERS",
     "DEPTH_PROB",
     "EMBED_PROB",
     "EVAL_BATCH",
     "GENERATIONS",
+    "HALVING_KEEP",
     "LATENCY_BATCH",
     "LAYER_PROB",
     "MAX_TRIES",
@@ -39,4 +41,6 @@ SEED = 0
 MAX_TRIES = 5000  # random draws per generation before giving up on finding new feasible archs
 COST = "params"  # the cost of the Pareto front (and NSGA-II's second objective)
 EVAL_BATCH = 256  # evaluation batch size
+AMP = "off"  # scoring precision (see vitnas.precision): fp32 unless asked
+HALVING_KEEP = 0.5  # successive halving: share of a generation's candidates scored on the whole split
 LATENCY_BATCH = 1  # batch size at which latency is measured / predicted

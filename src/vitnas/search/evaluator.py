@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 
 from vitnas.data.augment import AugmentConfig, eval_transform
@@ -10,14 +13,14 @@ from vitnas.evaluation import score_batches
 from vitnas.search.defaults import EVAL_BATCH
 from vitnas.space.arch import ArchConfig
 
-__all__ = ["SupernetEvaluator"]
+__all__ = ["SupernetEvaluator", "stratified_parts"]
 
 
 class SupernetEvaluator:
-    """`evaluator(arch) -> {'top1', 'loss'}`, in inference mode with large batches. Small in-memory
-    splits are normalized once and kept on the device. With `world` > 1 the split is sharded across
-    ranks and `reduce` (an all-reduce sum) combines the counts. With `bilateral` (BCNet / ViTAS) a
-    subnet's score is the mean of its left- and right-sliced evaluations."""
+    """`evaluator(arch) -> {'top1', 'loss'}`, in inference mode. Small in-memory splits are normalized
+    once and kept on the device. With `world` > 1 the split is sharded across ranks and `reduce` (an
+    all-reduce sum) combines the counts. With `bilateral` (BCNet / ViTAS) a subnet's score is the mean of
+    its left- and right-sliced evaluations. `amp_dtype` scores under autocast (None: fp32)."""
 
     def __init__(
         self,
@@ -32,6 +35,7 @@ class SupernetEvaluator:
         world: int = 1,
         reduce=None,
         bilateral: bool = False,
+        amp_dtype: torch.dtype | None = None,
     ) -> None:
         self.bilateral = bilateral
         self.net = supernet.to(device).eval()
@@ -39,6 +43,7 @@ class SupernetEvaluator:
         self.img_size, self.norm, self.batch_size = img_size, norm, batch_size
         self.device = torch.device(device)
         self.rank, self.world, self.reduce = rank, world, reduce
+        self.amp_dtype = amp_dtype
         self._batches = None
         if split.images is not None:
             idx = torch.arange(len(split))[rank::world]
@@ -65,5 +70,43 @@ class SupernetEvaluator:
                 for x, y in self.split.sequential(self.batch_size, self.rank, self.world)
             )
         with self.net.active(arch, side):
-            r = score_batches(self.net, batches, self.reduce)
+            r = score_batches(self.net, batches, self.reduce, self.amp_dtype)
         return {"top1": r["top1"], "loss": r["loss"]}
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def parts(self, fraction: float, seed: int = 0) -> tuple[SupernetEvaluator, SupernetEvaluator]:
+        """Two evaluators over disjoint parts of the split, for successive halving: about `fraction` of
+        every class's images (at least one, seeded choice) and the rest. Together they hold the split."""
+        if not 0.0 < fraction < 1.0:
+            raise ValueError(f"fraction={fraction}; expected a share of the validation split in (0, 1)")
+        head, tail = stratified_parts(self.split.labels.numpy(), fraction, seed)
+        if len(tail) == 0:
+            raise ValueError(f"a split of {len(self.split)} images leaves nothing after a {fraction:g} share")
+        kw = dict(
+            img_size=self.img_size,
+            norm=self.norm,
+            batch_size=self.batch_size,
+            device=self.device,
+            rank=self.rank,
+            world=self.world,
+            reduce=self.reduce,
+            bilateral=self.bilateral,
+            amp_dtype=self.amp_dtype,
+        )
+        return (
+            SupernetEvaluator(self.net, self.split.subset(head), **kw),
+            SupernetEvaluator(self.net, self.split.subset(tail), **kw),
+        )
+
+
+def stratified_parts(labels: np.ndarray, fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of a seeded `fraction` of each class (rounded up, so at least one) and of the rest, sorted."""
+    rng = np.random.default_rng([seed, 8191])
+    head = []
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        head.append(idx[: max(1, math.ceil(fraction * len(idx)))])
+    head = np.sort(np.concatenate(head))
+    return head, np.setdiff1d(np.arange(len(labels)), head)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -24,7 +25,16 @@ from vitnas.search.constraints import Constraints
 from vitnas.search.strategies import Strategy
 from vitnas.space.arch import ArchConfig
 
-__all__ = ["SearchConfig", "SearchResult", "Workers", "load_candidates", "pareto_front", "run_search", "torch_workers"]
+__all__ = [
+    "Halving",
+    "SearchConfig",
+    "SearchResult",
+    "Workers",
+    "load_candidates",
+    "pareto_front",
+    "run_search",
+    "torch_workers",
+]
 
 log = logging.getLogger(__name__)
 Evaluate = Callable[[ArchConfig], Mapping[str, float]]
@@ -47,6 +57,9 @@ class SearchConfig:
     constraints: dict[str, Any] = field(default_factory=dict)  # e.g. {params: [null, 5.0e6], macs: [...]}
     cost: str = D.COST  # the cost of the Pareto front (and NSGA-II's second objective): params | macs | latency_ms
     batch_size: int = D.EVAL_BATCH  # evaluation batch
+    amp: str = D.AMP  # scoring precision: off (fp32) | auto (bf16 where the device runs it natively) | bf16 | fp16
+    halving: float = 0.0  # successive halving: share of the validation images that screens every new candidate (0: off)
+    halving_keep: float = D.HALVING_KEEP  # successive halving: share of each generation's candidates scored in full
     latency_batch: int = D.LATENCY_BATCH  # batch size at which latency is measured / predicted
 
     def check(self, source: str) -> None:
@@ -68,6 +81,16 @@ class SearchConfig:
             check_range(source, name, getattr(self, name), 0)
         for name in ("layer_prob", "depth_prob", "embed_prob"):
             check_range(source, name, getattr(self, name), 0.0, 1.0)
+        from vitnas.precision import AMP_MODES
+
+        if self.amp not in AMP_MODES:
+            raise ValueError(f"{source}: amp={self.amp!r}; expected one of {AMP_MODES}")
+        if not 0.0 <= self.halving < 1.0:
+            raise ValueError(
+                f"{source}: halving={self.halving}; expected 0 (off) or a share of the validation images in (0, 1)"
+            )
+        if not 0.0 < self.halving_keep <= 1.0:
+            raise ValueError(f"{source}: halving_keep={self.halving_keep}; expected a share of candidates in (0, 1]")
         Constraints.from_dict(self.constraints, source=source)
 
     @classmethod
@@ -181,6 +204,7 @@ def _load_cache(cand_path: Path) -> dict[str, dict[str, Any]]:
 
 def _best_per_generation(rows: list[dict[str, Any]], generations: int) -> list[float]:
     """The best top1 found up to each finished generation (NaN before any candidate)."""
+    rows = _finished(rows)
     return [max((r["top1"] for r in rows if r["generation"] <= g), default=float("nan")) for g in range(generations)]
 
 
@@ -232,6 +256,83 @@ def torch_workers() -> Workers:
     return Workers(dist.get_rank(), dist.get_world_size(), gather, dist.barrier)
 
 
+@dataclass(frozen=True)
+class Halving:
+    """Successive halving inside each generation. Every new candidate is scored by `screen` (a share of the
+    validation split, `screen_images` images); the best `keep` share of them, by Pareto rank on (screening
+    top-1, cost) and then top-1, is also scored by `finish` (the other `finish_images`), and its metrics
+    become the image-weighted means of both parts: exactly its score on the whole split. The others keep
+    their screening metrics and are marked `screened_out`: the strategy is told them, but they are never
+    the best nor on the Pareto front. Rows are written when their generation ends."""
+
+    screen: Evaluate
+    finish: Evaluate
+    screen_images: int
+    finish_images: int
+    keep: float = D.HALVING_KEEP
+
+    def promote(self, rows: list[dict[str, Any]], cost: str) -> set[str]:
+        """Keys of the rows (one generation's screened candidates) that are scored in full."""
+        if not rows:
+            return set()
+        from pymoo.util.nds.non_dominated_sorting import NonDominatedSorting
+
+        F = np.array([[-r["top1"], r[cost]] for r in rows], dtype=float)
+        rank = np.empty(len(rows), dtype=int)
+        for i, front in enumerate(NonDominatedSorting().do(F)):
+            rank[front] = i
+        order = sorted(
+            range(len(rows)), key=lambda i: (rank[i], -rows[i]["top1"], rows[i].get("loss", 0.0), rows[i]["key"])
+        )
+        return {rows[i]["key"] for i in order[: max(1, math.ceil(self.keep * len(rows)))]}
+
+    def combine(self, screen: Mapping[str, Any], finish: Mapping[str, float]) -> dict[str, Any]:
+        """A promoted candidate's row: every metric of `finish` as the image-weighted mean of both parts."""
+        n0, n1 = self.screen_images, self.finish_images
+        merged = {k: (screen[k] * n0 + v * n1) / (n0 + n1) for k, v in finish.items()}
+        return {**screen, **merged, "val_images": n0 + n1}
+
+
+def _evaluate_shared(
+    archs: list[ArchConfig], fn: Callable[[ArchConfig], dict[str, Any]], workers: Workers
+) -> dict[str, dict[str, Any]]:
+    """fn(arch) for this rank's share of `archs`, gathered from every rank: {key: row}."""
+    mine = [fn(a) for a in archs[workers.rank :: workers.world]]
+    gathered = workers.gather(mine) if workers.world > 1 else [mine]
+    return {row["key"]: row for rows in gathered for row in rows}
+
+
+def _halving_rows(
+    todo: list[ArchConfig],
+    gen: int,
+    halving: Halving,
+    costs: Mapping[str, Callable[[ArchConfig], float]],
+    constraints: Constraints,
+    cost: str,
+    workers: Workers,
+) -> list[dict[str, Any]]:
+    """The rows of a generation's new archs under successive halving, in the order of `todo`."""
+    screened = _evaluate_shared(todo, lambda a: _evaluate_new(a, gen, halving.screen, costs, constraints), workers)
+    rows = [screened[a.key()] for a in todo]
+    promoted = halving.promote(rows, cost)
+    finished = _evaluate_shared(
+        [a for a in todo if a.key() in promoted], lambda a: {"key": a.key(), **halving.finish(a)}, workers
+    )
+    out = []
+    for row in rows:
+        if row["key"] in promoted:
+            metrics = {k: v for k, v in finished[row["key"]].items() if k != "key"}
+            out.append(halving.combine(row, metrics))
+        else:
+            out.append({**row, "val_images": halving.screen_images, "screened_out": True})
+    return out
+
+
+def _finished(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows scored on the whole validation split (all of them unless successive halving screened some out)."""
+    return [r for r in rows if not r.get("screened_out")]
+
+
 def _run_generation(
     strategy: Strategy,
     evaluate: Evaluate,
@@ -241,12 +342,27 @@ def _run_generation(
     cand_path: Path,
     progress: Callable[[int, int, dict[str, Any]], None] | None,
     workers: Workers,
+    halving: Halving | None = None,
+    cost: str = D.COST,
 ) -> tuple[list[ArchConfig], list[dict[str, Any]]]:
     """Ask; evaluate this rank's share of the archs not in `cache`; gather every rank's rows; add them to
     `cache` and (rank 0) `cand_path`, in the order asked; tell. Returns the archs and the new rows."""
     gen = strategy.generation
     archs = strategy.ask()
     todo = list({a.key(): a for a in archs if a.key() not in cache}.values())
+    if halving is not None:
+        new = _halving_rows(todo, gen, halving, costs, constraints, cost, workers)
+        cache.update((row["key"], row) for row in new)
+        if workers.is_main:
+            with open(cand_path, "a") as f:
+                f.writelines(json.dumps(row) + "\n" for row in new)
+                f.flush()
+                os.fsync(f.fileno())
+        for i, arch in enumerate(archs):
+            if progress:
+                progress(gen, i, cache[arch.key()])
+        strategy.tell(archs, [cache[a.key()]["top1"] for a in archs])
+        return archs, new
     mine_keys = {a.key() for a in todo[workers.rank :: workers.world]}
     with open(cand_path, "a") if workers.is_main else contextlib.nullcontext() as f:
         mine: dict[str, dict[str, Any]] = {}
@@ -299,11 +415,14 @@ def run_search(
     progress: Callable[[int, int, dict[str, Any]], None] | None = None,
     config: Mapping[str, Any] | None = None,
     workers: Workers | None = None,
+    halving: Halving | None = None,
 ) -> SearchResult:
     """Run `strategy` to the end. Every proposed arch meets `constraints` (strategies are built with the
     same feasibility test) and is evaluated at most once, even across a resume. `config` identifies the
     run (settings, supernet checkpoint): resuming a folder made with another config is an error.
-    `workers` spreads the evaluations over ranks (every rank calls run_search; `out_dir` is shared)."""
+    `workers` spreads the evaluations over ranks (every rank calls run_search; `out_dir` is shared).
+    `halving` screens each generation's new candidates on part of the validation split (`evaluate` is
+    then unused)."""
     workers = workers or Workers()
     out = Path(out_dir)
     cand_path, state_path = out / "candidates.jsonl", out / "state.json"
@@ -327,17 +446,20 @@ def run_search(
     evaluations = 0
     while not strategy.done:
         gen = strategy.generation
-        archs, new = _run_generation(strategy, evaluate, costs, constraints, cache, cand_path, progress, workers)
+        archs, new = _run_generation(
+            strategy, evaluate, costs, constraints, cache, cand_path, progress, workers, halving, cost
+        )
         evaluations += len(new)
         rows += new
-        best_per_gen.append(max(r["top1"] for r in rows) if rows else float("nan"))
+        best_per_gen.append(max((r["top1"] for r in _finished(rows)), default=float("nan")))
         if workers.is_main:
             atomic_write_text(state_path, json.dumps({"strategy": strategy.state_dict()}))
         log.info("%s generation %d: %d candidates, best top1 %.2f", _name(strategy), gen, len(archs), best_per_gen[-1])
     rows = [r for r in rows if constraints.satisfied(r)]
-    front = pareto_front(rows, cost)
+    finished = _finished(rows)
+    front = pareto_front(finished, cost)
     # ties in top-1 (a score moves in steps of one image) go to the lower validation loss, then the cheaper
-    best = max(rows, key=lambda r: (r["top1"], -r.get("loss", 0.0), -r[cost])) if rows else None
+    best = max(finished, key=lambda r: (r["top1"], -r.get("loss", 0.0), -r[cost])) if finished else None
     if workers.is_main:
         _write_results(out, best, front, best_per_gen)
     workers.barrier()

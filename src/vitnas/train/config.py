@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from vitnas._config import check_fields, check_range
+from vitnas.precision import AMP_MODES
 from vitnas.space.yaml_io import load_yaml
 
 __all__ = ["TrainConfig", "SAMPLINGS", "RETRAIN_TASKS"]
@@ -16,7 +17,6 @@ __all__ = ["TrainConfig", "SAMPLINGS", "RETRAIN_TASKS"]
 # always used for either. Other task names are checked against the task registry by the trainer.
 RETRAIN_TASKS = ("subnet", "arch", "registry")
 SAMPLINGS = ("uniform", "sandwich")
-AMP_MODES = ("auto", "off", "bf16", "fp16")
 
 
 @dataclass

@@ -26,6 +26,7 @@ from vitnas.data.augment import recipe
 from vitnas.data.datasets import ImageData, epoch_batches, load_data
 from vitnas.evaluation import evaluate
 from vitnas.models.spec import spec_of
+from vitnas.precision import amp_dtype
 from vitnas.train.config import TrainConfig
 from vitnas.train.dist import DistInfo, all_reduce_mean_, all_reduce_sum, barrier, init_distributed
 from vitnas.train.runlog import RunLog
@@ -173,12 +174,7 @@ class Trainer:
         self.task.model, self.task.ctx = self.model, ctx
 
     def _amp_dtype(self) -> torch.dtype | None:
-        mode = self.cfg.amp
-        if mode == "off" or (mode == "auto" and self.device.type != "cuda"):
-            return None
-        if mode == "fp16" or (mode == "auto" and not torch.cuda.is_bf16_supported()):
-            return torch.float16
-        return torch.bfloat16
+        return amp_dtype(self.cfg.amp, self.device, cpu_auto=False)
 
     def epoch_batches(self, epoch: int) -> list[np.ndarray]:
         """The index batches of `epoch` on this rank (seeded by (seed, epoch); repeated augmentation)."""
