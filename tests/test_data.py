@@ -116,6 +116,22 @@ def test_digits_default_has_disjoint_splits():
     assert not (flat(data.val) & flat(data.test))
 
 
+def test_digits_hold_out_what_is_asked_up_to_their_cap_and_checkpoints_get_their_split_back():
+    from vitnas.data import load_data, load_data_of
+
+    assert len(load_data(None, img_size=16, val_per_class=50).val) == 500
+    assert len(load_data(None, img_size=16).val) == 500  # the folder default (100) is capped for the digits
+    meta = {
+        "config": {"data_path": None, "val_per_class": 100, "seed": 0},
+        "img_size": 16,
+        "classes": list("0123456789"),
+    }
+    assert len(load_data_of(meta).val) == 200  # saved before checkpoints recorded val_images: 20 per class then
+    assert len(load_data_of({**meta, "val_images": 500}).val) == 500
+    with pytest.raises(ValueError, match="holding out 200 validation images, the data now gives 500"):
+        load_data_of({**meta, "val_images": 200})
+
+
 def test_epoch_batches_shard_and_repeat():
     a = epoch_batches(100, 8, seed=0, epoch=1, rank=0, world=2)
     b = epoch_batches(100, 8, seed=0, epoch=1, rank=1, world=2)

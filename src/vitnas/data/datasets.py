@@ -189,6 +189,11 @@ def epoch_batches(
     return [mine[i * batch_size : (i + 1) * batch_size] for i in range(steps)]
 
 
+# The embedded digits hold ~144 images per class besides the test split: at most this many are held out
+# for validation (the folder default of 100 would leave too few to train on).
+DIGITS_MAX_VAL = 50
+
+
 def load_digits(img_size: int = 32, val_per_class: int = 20, seed: int = 0, test_fraction: float = 0.2) -> ImageData:
     """scikit-learn's bundled handwritten digits (1,797 8x8 images, 10 classes): the embedded default,
     available on any machine with no download. Upscaled to `img_size` RGB so any model takes them."""
@@ -235,7 +240,7 @@ def load_data(
     """Image folders (`root/train/<class>/...` and `root/test` or `root/val`), or the embedded digits
     when `data_path` is None. Small images are decoded once and cached; large ones stream."""
     if data_path is None:
-        return load_digits(img_size or 32, val_per_class=min(val_per_class, 20), seed=seed)
+        return load_digits(img_size or 32, val_per_class=min(val_per_class, DIGITS_MAX_VAL), seed=seed)
     root = Path(data_path)
     train_index = scan_image_folder(root, "train")
     test_name = _test_split_name(root)
@@ -274,11 +279,20 @@ def load_data(
 
 def load_data_of(meta: dict[str, Any], *, data_path: str | Path | None = None, source: str = "checkpoint") -> ImageData:
     """The data (and train / validation split) a checkpoint was trained on, from its metadata: its
-    data_path (or `data_path`), image size, held-out count and seed; checked to have its classes."""
+    data_path (or `data_path`), image size, held-out count and seed; checked to have its classes and,
+    where the checkpoint records it, the same number of held-out images (a validation split that
+    overlaps the training images would flatter every candidate)."""
     cfg = meta["config"]
-    data = load_data(
-        data_path or cfg["data_path"], img_size=meta["img_size"], val_per_class=cfg["val_per_class"], seed=cfg["seed"]
-    )
+    path = data_path or cfg["data_path"]
+    val_per_class = cfg["val_per_class"]
+    if path is None and "val_images" not in meta:  # saved when the digits held out at most 20 per class
+        val_per_class = min(val_per_class, 20)
+    data = load_data(path, img_size=meta["img_size"], val_per_class=val_per_class, seed=cfg["seed"])
     if data.classes != meta["classes"]:
         raise ValueError(f"{source}: trained on classes {meta['classes']}, the data has {data.classes}")
+    if "val_images" in meta and len(data.val) != meta["val_images"]:
+        raise ValueError(
+            f"{source}: trained holding out {meta['val_images']} validation images, the data now gives "
+            f"{len(data.val)} (val_per_class={val_per_class}); the validation split would overlap training"
+        )
     return data

@@ -15,6 +15,7 @@ __all__ = [
     "DEPTH_PROB",
     "EMBED_PROB",
     "EVAL_BATCH",
+    "EVAL_BATCH_CPU",
     "GENERATIONS",
     "HALVING_KEEP",
     "LATENCY_BATCH",
@@ -27,6 +28,7 @@ __all__ = [
     "PREDICTOR_POOL",
     "SEED",
     "STRATEGY",
+    "eval_batch",
 ]
 
 STRATEGY = "evolution"
@@ -40,7 +42,15 @@ PREDICTOR_POOL = 10  # predictor-evolution: archs proposed (and predicted) per a
 SEED = 0
 MAX_TRIES = 5000  # random draws per generation before giving up on finding new feasible archs
 COST = "params"  # the cost of the Pareto front (and NSGA-II's second objective)
-EVAL_BATCH = 256  # evaluation batch size
+EVAL_BATCH = 256  # evaluation batch size on a GPU
+# on a CPU: activations of 64 CIFAR images stay cache-sized; measured 51.5 vs 45.8 candidates/min at 256
+# (benchmarks/search_throughput.py, docs/benchmarks.md)
+EVAL_BATCH_CPU = 64
 AMP = "off"  # scoring precision (see vitnas.precision): fp32 unless asked
 HALVING_KEEP = 0.5  # successive halving: share of a generation's candidates scored on the whole split
 LATENCY_BATCH = 1  # batch size at which latency is measured / predicted
+
+
+def eval_batch(device) -> int:
+    """The default evaluation batch on `device` (a torch.device or its name)."""
+    return EVAL_BATCH_CPU if str(device).startswith("cpu") else EVAL_BATCH

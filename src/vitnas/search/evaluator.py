@@ -10,7 +10,7 @@ import torch
 from vitnas.data.augment import AugmentConfig, eval_transform
 from vitnas.data.datasets import Split
 from vitnas.evaluation import score_batches
-from vitnas.search.defaults import EVAL_BATCH
+from vitnas.search.defaults import eval_batch
 from vitnas.space.arch import ArchConfig
 
 __all__ = ["SupernetEvaluator", "stratified_parts"]
@@ -20,7 +20,8 @@ class SupernetEvaluator:
     """`evaluator(arch) -> {'top1', 'loss'}`, in inference mode. Small in-memory splits are normalized
     once and kept on the device. With `world` > 1 the split is sharded across ranks and `reduce` (an
     all-reduce sum) combines the counts. With `bilateral` (BCNet / ViTAS) a subnet's score is the mean of
-    its left- and right-sliced evaluations. `amp_dtype` scores under autocast (None: fp32)."""
+    its left- and right-sliced evaluations. `amp_dtype` scores under autocast (None: fp32). `batch_size`
+    defaults to the device's (`vitnas.search.defaults.eval_batch`)."""
 
     def __init__(
         self,
@@ -29,7 +30,7 @@ class SupernetEvaluator:
         *,
         img_size: int,
         norm: AugmentConfig,
-        batch_size: int = EVAL_BATCH,
+        batch_size: int | None = None,
         device: str | torch.device = "cpu",
         rank: int = 0,
         world: int = 1,
@@ -40,8 +41,8 @@ class SupernetEvaluator:
         self.bilateral = bilateral
         self.net = supernet.to(device).eval()
         self.split = split
-        self.img_size, self.norm, self.batch_size = img_size, norm, batch_size
         self.device = torch.device(device)
+        self.img_size, self.norm, self.batch_size = img_size, norm, batch_size or eval_batch(self.device)
         self.rank, self.world, self.reduce = rank, world, reduce
         self.amp_dtype = amp_dtype
         self._batches = None
@@ -49,7 +50,8 @@ class SupernetEvaluator:
             idx = torch.arange(len(split))[rank::world]
             x = eval_transform(split.images[idx].to(self.device), img_size, norm)
             y = split.labels[idx].to(self.device)
-            self._batches = [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(y), batch_size)]
+            b = self.batch_size
+            self._batches = [(x[i : i + b], y[i : i + b]) for i in range(0, len(y), b)]
 
     def __call__(self, arch: ArchConfig) -> dict[str, float]:
         if not self.bilateral:

@@ -56,7 +56,7 @@ class SearchConfig:
     seed: int = D.SEED
     constraints: dict[str, Any] = field(default_factory=dict)  # e.g. {params: [null, 5.0e6], macs: [...]}
     cost: str = D.COST  # the cost of the Pareto front (and NSGA-II's second objective): params | macs | latency_ms
-    batch_size: int = D.EVAL_BATCH  # evaluation batch
+    batch_size: int | None = None  # evaluation batch (None: 64 on a CPU, 256 on a GPU)
     amp: str = D.AMP  # scoring precision: off (fp32) | auto (bf16 where the device runs it natively) | bf16 | fp16
     halving: float = 0.0  # successive halving: share of the validation images that screens every new candidate (0: off)
     halving_keep: float = D.HALVING_KEEP  # successive halving: share of each generation's candidates scored in full
@@ -76,7 +76,7 @@ class SearchConfig:
         if self.predictor not in PREDICTORS:
             raise ValueError(f"{source}: predictor={self.predictor!r}; expected one of {list(PREDICTORS)}")
         for name in ("population", "generations", "parents", "batch_size", "latency_batch", "predictor_pool"):
-            check_range(source, name, getattr(self, name), 1)
+            check_range(source, name, getattr(self, name), 1)  # batch_size None: the device's default
         for name in ("mutations", "crossovers", "seed"):
             check_range(source, name, getattr(self, name), 0)
         for name in ("layer_prob", "depth_prob", "embed_prob"):

@@ -218,6 +218,7 @@ class Trainer:
             "steps_per_epoch": self.steps_per_epoch,
             "epoch": self.step // self.steps_per_epoch,
             "classes": self.data.classes,
+            "val_images": len(self.data.val),
             "img_size": self.img_size,
             "norm": self.aug_cfg.to_dict(),
             "history": self.history,
