@@ -19,7 +19,7 @@ from vitnas import ArchConfig, SearchSpace, ViTSupernet
 from vitnas.data import AugmentConfig
 from vitnas.data.datasets import Split
 from vitnas.search import Constraints, Halving, Workers, build_strategy, run_search, torch_workers
-from vitnas.search.evaluator import SupernetEvaluator, stratified_parts
+from vitnas.search.evaluator import SplitHalves, SupernetEvaluator, stratified_parts
 
 SCREEN, FINISH = 25, 75
 
@@ -74,6 +74,11 @@ def test_the_two_parts_combine_to_the_score_of_the_whole_split():
         assert parts["loss"] == pytest.approx(whole["loss"], abs=1e-6)
     with pytest.raises(ValueError, match="fraction"):
         evaluator.parts(1.0)
+    halves = SplitHalves(evaluator)  # what the pipeline scores with when it does not halve
+    for arch in (space.smallest(), space.largest()):
+        whole, both = evaluator(arch), halves(arch)
+        assert both["top1"] == pytest.approx(whole["top1"], abs=1e-9) and len(both["val_halves"]) == 2
+        assert sum(both["val_halves"]) / 2 == pytest.approx(whole["top1"], abs=1e-9)  # equal halves of 60
 
 
 def test_promotion_takes_pareto_fronts_first():

@@ -39,6 +39,10 @@ QUICK = {
 }
 
 
+def summary_rows(tmp_path):
+    return [json.loads(line) for line in (tmp_path / "run" / "search" / "evolution" / "candidates.jsonl").open()]
+
+
 def test_pipeline_end_to_end(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("VITNAS_CACHE", str(tmp_path / "cache"))
     path = tmp_path / "search.yaml"
@@ -90,6 +94,14 @@ def test_pipeline_end_to_end(tmp_path, capsys, monkeypatch):
     assert evo["best_top1_standard_error"] == pytest.approx(top1_standard_error(evo["best_top1"], n_val))
     assert n_val == 200 and set(summary["supernet_test_top1"]) == {"largest", "smallest"}
     assert "+- s.e." in out and "one image is 0.50 points" in out and "exported weights:" in out
+    # ... and so is whether the scores rank archs at all (the two validation halves' agreement), with every
+    # candidate's halves recorded; the verdict compares the two best archs image by image where they differ.
+    assert summary["split_half"]["candidates"] == 12 and -1 <= summary["split_half"]["tau"] <= 1
+    assert "ranking signal: the two validation halves rank 12 random candidates" in out
+    assert all(len(r["val_halves"]) == 2 for r in summary_rows(tmp_path))
+    paired = summary["paired"]
+    if paired is not None:
+        assert paired["main_only"] + paired["random_only"] <= n_val and 0 <= paired["p_value"] <= 1
     # A rerun continues: training and search are complete, nothing is recomputed.
     from vitnas.search.evaluator import SupernetEvaluator
     from vitnas.train import Trainer

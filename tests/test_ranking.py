@@ -122,6 +122,22 @@ def test_search_verdict_says_plainly_whether_search_beat_random():
     assert search_verdict({"evolution": {"best_top1": 90.0}}) is None
 
 
+def test_signal_and_paired_verdict_sentences():
+    from vitnas.report import search_verdict, signal_sentence
+
+    assert "rank these archs consistently" in signal_sentence({"tau": 0.5, "p_value": 1e-6, "candidates": 160})
+    assert "weak but real" in signal_sentence({"tau": 0.15, "p_value": 0.01, "candidates": 160})
+    assert "close to a lottery" in signal_sentence({"tau": 0.05, "p_value": 0.4, "candidates": 160})
+    assert signal_sentence(None) is None
+    strategies = {"evolution": {"best_top1": 90.0, "best_top1_standard_error": 1.3}}
+    strategies["random"] = {"best_top1": 89.0, "best_top1_standard_error": 1.4}
+    assert "did NOT clearly beat" in search_verdict(strategies)  # 1 point < two unpaired standard errors
+    beat = search_verdict(strategies, {"main_only": 9, "random_only": 1, "p_value": 0.021})
+    assert beat.startswith("evolution beat random search by 1.00 points") and "right on 9 images" in beat
+    tie = search_verdict(strategies, {"main_only": 8, "random_only": 3, "p_value": 0.23})
+    assert "did NOT clearly beat" in tie and "p=0.23" in tie
+
+
 def test_equal_top1_goes_to_the_lower_validation_loss(tmp_path):
     """Top-1 on a small validation set moves in whole images: the loss breaks the tie."""
     archs = {}

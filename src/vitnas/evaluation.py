@@ -14,7 +14,7 @@ from vitnas.data.datasets import Split
 from vitnas.precision import autocast
 from vitnas.space.arch import ArchConfig
 
-__all__ = ["evaluate", "score_batches"]
+__all__ = ["correct_per_image", "evaluate", "score_batches"]
 
 
 @torch.inference_mode()
@@ -71,3 +71,32 @@ def score_batches(
         totals = reduce(totals)
     n = max(totals[2].item(), 1.0)
     return {"top1": 100.0 * totals[1].item() / n, "loss": totals[0].item() / n, "n": int(totals[2].item())}
+
+
+@torch.inference_mode()
+def correct_per_image(
+    model: nn.Module,
+    split: Split,
+    *,
+    img_size: int,
+    norm: AugmentConfig,
+    arch: ArchConfig | None = None,
+    batch_size: int = 256,
+    device: torch.device | str = "cpu",
+    amp_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Whether `model` (or subnet `arch`) classifies each image of `split` correctly: a bool tensor in split
+    order, for paired comparisons of two models on the same images."""
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        with model.active(arch) if arch is not None else contextlib.nullcontext():
+            for images, labels in split.sequential(batch_size):
+                x = eval_transform(images.to(device), img_size, norm)
+                with autocast(x.device, amp_dtype):
+                    logits = model(x)
+                out.append((logits.argmax(-1) == labels.to(device)).cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(out)

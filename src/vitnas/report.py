@@ -14,6 +14,7 @@ __all__ = [
     "plot_candidates",
     "plot_progress",
     "search_verdict",
+    "signal_sentence",
     "summary_text",
     "table",
     "top1_standard_error",
@@ -150,9 +151,26 @@ def table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
     return "\n".join([line.format(*header), line.format(*("-" * w for w in widths)), *(line.format(*r) for r in cells)])
 
 
-def search_verdict(strategies: Mapping[str, Mapping[str, Any]]) -> str | None:
-    """One plain sentence: did the main (first) strategy beat random search at equal budget, by more
-    than two standard errors of the scores? None without a random baseline."""
+def signal_sentence(split_half: Mapping[str, float] | None) -> str | None:
+    """One plain sentence on the split-half Kendall tau of random candidates: is there a ranking to search?"""
+    if not split_half:
+        return None
+    tau, p, n = split_half["tau"], split_half["p_value"], split_half["candidates"]
+    head = (
+        f"ranking signal: the two validation halves rank {n} random candidates with Kendall tau {tau:.2f} (p={p:.2g})"
+    )
+    if tau >= 0.3 and p < 0.05:
+        return head + ": the supernet's scores rank these archs consistently."
+    if p < 0.05:
+        return head + ": a weak but real ranking; small score differences are mostly noise."
+    return head + ": the scores do not rank these archs consistently, so any search here is close to a lottery."
+
+
+def search_verdict(strategies: Mapping[str, Mapping[str, Any]], paired: Mapping[str, Any] | None = None) -> str | None:
+    """One plain sentence: did the main (first) strategy beat random search at equal budget? With `paired`
+    (`pipeline.stages.paired_comparison`: McNemar's test on the two best archs' per-image results) the
+    difference counts where p < 0.05; without it, where it passes two standard errors of the scores. None
+    without a random baseline."""
     names = list(strategies)
     if len(names) < 2 or "random" not in strategies or names[0] == "random":
         return None
@@ -160,6 +178,15 @@ def search_verdict(strategies: Mapping[str, Mapping[str, Any]]) -> str | None:
     if main.get("best_top1") is None or rnd.get("best_top1") is None:
         return None
     d = main["best_top1"] - rnd["best_top1"]
+    if paired:
+        b, c, p = paired["main_only"], paired["random_only"], paired["p_value"]
+        said = f"right on {b} images random's best misses and wrong on {c} it gets (paired test p={p:.2g})"
+        if d > 0 and p < 0.05:
+            return f"{names[0]} beat random search by {d:.2f} points: its best is {said}."
+        if d > 0:
+            return f"{names[0]} did NOT clearly beat random search: its best is {d:.2f} points higher, {said}."
+        if d < 0:
+            return f"{names[0]} did NOT beat random search: its best is {-d:.2f} points lower, {said}."
     se = math.hypot(main.get("best_top1_standard_error") or 0.0, rnd.get("best_top1_standard_error") or 0.0)
     if d > 2 * se:
         return f"{names[0]} beat random search by {d:.2f} points (more than two standard errors, {2 * se:.2f})."
@@ -193,15 +220,14 @@ def summary_text(s: dict[str, Any]) -> str:
     parts.append(table(rows, ["strategy", "candidates", "best top-1 %", "+- s.e."]))
     one = 100 / s["val_images"]
     parts.append(
-        f"(on {s['val_images']} validation images one image is {one:.2f} points; best scores closer than about "
-        f"two standard errors are not told apart)"
+        f"(on {s['val_images']} validation images one image is {one:.2f} points; s.e.: the standard error of one score)"
     )
     for name, r in s["strategies"].items():
         curve = r.get("best_per_generation") or []
         parts.append(f"best so far by generation, {name}: " + " ".join(f"{v:.1f}" for v in curve))
-    verdict = search_verdict(s["strategies"])
-    if verdict:
-        parts.append(verdict)
+    for line in (signal_sentence(s.get("split_half")), search_verdict(s["strategies"], s.get("paired"))):
+        if line:
+            parts.append(line)
     parts.append("\nPareto front (accuracy vs parameters)")
     parts.append(
         table(

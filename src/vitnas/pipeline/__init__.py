@@ -24,7 +24,9 @@ from vitnas.pipeline.stages import (
     Run,
     finetune_stage,
     latency_report,
+    paired_comparison,
     search_stage,
+    split_half_tau,
     supernet_stage,
     supernet_test_top1,
 )
@@ -139,6 +141,16 @@ def _export_stage(run: Run) -> dict[str, Any]:
     return _write_summary(run, best, export_dir)
 
 
+def _unbiased_sample(run: Run) -> list[dict[str, Any]]:
+    """Fully scored candidates drawn uniformly from the feasible archs: random search's (or, without it,
+    the first generation of the main search, which is random too)."""
+    if "random" in run.results:
+        rows = run.results["random"].candidates
+    else:
+        rows = [r for r in run.results[run.search.strategy].candidates if r["generation"] == 0]
+    return [r for r in rows if not r.get("screened_out")]
+
+
 def _write_summary(run: Run, best: dict[str, Any], export_dir: Path) -> dict[str, Any]:
     history = run.meta.get("history") or [{}]
     n_val = len(run.data.val)
@@ -162,6 +174,8 @@ def _write_summary(run: Run, best: dict[str, Any], export_dir: Path) -> dict[str
             }
             for n, r in run.results.items()
         },
+        "split_half": split_half_tau(_unbiased_sample(run)),
+        "paired": paired_comparison(run),
         "best": best,
         "pareto_front": [
             {"arch": r["key"], "top1": r["top1"], "params": r["params"], "macs": r["macs"]}

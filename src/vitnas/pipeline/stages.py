@@ -17,17 +17,25 @@ from torch import nn
 from vitnas.checkpoint import read_metadata
 from vitnas.costs.latency import LatencyTable
 from vitnas.data import AugmentConfig, ImageData, load_data_of
-from vitnas.evaluation import evaluate
+from vitnas.evaluation import correct_per_image, evaluate
 from vitnas.models.spec import load_model
 from vitnas.pipeline.config import PipelineConfig
 from vitnas.precision import amp_dtype
 from vitnas.report import plot_candidates, plot_progress
 from vitnas.search import Constraints, Halving, SearchConfig, Workers, build_strategy, pareto_front, run_search
-from vitnas.search.evaluator import SupernetEvaluator
+from vitnas.search.evaluator import SplitHalves, SupernetEvaluator
 from vitnas.space.arch import ArchConfig
 from vitnas.train import StepInfo, TrainConfig, Trainer
 
-__all__ = ["Progress", "Run", "finetune_stage", "search_stage", "supernet_stage"]
+__all__ = [
+    "Progress",
+    "Run",
+    "finetune_stage",
+    "paired_comparison",
+    "search_stage",
+    "split_half_tau",
+    "supernet_stage",
+]
 
 log = logging.getLogger(__name__)
 
@@ -138,11 +146,13 @@ def search_stage(run: Run) -> None:
         bilateral=bool(tcfg.get("bilateral", False)) or space.bilateral,
         amp_dtype=amp_dtype(scfg.amp, run.device),
     )
-    evaluate_once = _memoized(evaluator)  # the baseline reuses scores of archs the main search evaluated
-    halving = None
+    halving, seed = None, tcfg.get("seed", 0)
     if scfg.halving:
-        screen, finish = evaluator.parts(scfg.halving, seed=tcfg.get("seed", 0))
+        screen, finish = evaluator.parts(scfg.halving, seed=seed)
         halving = Halving(_memoized(screen), _memoized(finish), len(screen), len(finish), scfg.halving_keep)
+    elif len(run.data.val) >= 2 * run.data.num_classes:  # scored by halves: the same cost, plus their agreement
+        evaluator = SplitHalves(evaluator, seed=seed)
+    evaluate_once = _memoized(evaluator)  # the baseline reuses scores of archs the main search evaluated
 
     def feasible(arch: ArchConfig) -> bool:
         return run.constraints.satisfied({name: run.costs[name](arch) for name in run.constraints.windows})
@@ -238,6 +248,41 @@ def latency_report(run: Run) -> dict[str, Any] | None:
     space = run.supernet.space
     archs = [space.sample(rng) for _ in range(run.cfg.latency_check)]
     return run.lut.error_report(run.supernet, archs, batch=run.search.latency_batch, device=run.device)
+
+
+def paired_comparison(run: Run) -> dict[str, Any] | None:
+    """The main search's best arch against random search's on the same validation images: how many images
+    only one of them gets right, and McNemar's exact two-sided p-value (a paired test, far more sensitive
+    than comparing two accuracies' standard errors). None without a baseline or when both are one arch."""
+    main, rnd = run.results.get(run.search.strategy), run.results.get("random")
+    if main is None or rnd is None or main is rnd or not main.best or not rnd.best:
+        return None
+    if main.best["key"] == rnd.best["key"]:
+        return None
+    from scipy.stats import binomtest
+
+    amp = amp_dtype(run.search.amp, run.device)
+    kw = dict(img_size=run.meta["img_size"], norm=run.norm, device=run.device, amp_dtype=amp)
+    ok = [
+        correct_per_image(run.supernet, run.data.val, arch=ArchConfig.from_dict(r.best["arch"]), **kw)
+        for r in (main, rnd)
+    ]
+    b, c = int((ok[0] & ~ok[1]).sum()), int((~ok[0] & ok[1]).sum())
+    p = binomtest(min(b, c), b + c, 0.5).pvalue if b + c else 1.0
+    return {"main_only": b, "random_only": c, "p_value": float(p)}
+
+
+def split_half_tau(rows: list[dict[str, Any]]) -> dict[str, float] | None:
+    """Kendall tau between the two validation halves' top-1 over candidates scored by halves: how
+    reliably the supernet's scores rank these archs (near 0: the ranking is noise). None for < 5 rows."""
+    halves = [r["val_halves"] for r in rows if "val_halves" in r]
+    if len(halves) < 5:
+        return None
+    from scipy.stats import kendalltau
+
+    res = kendalltau([h[0] for h in halves], [h[1] for h in halves])
+    tau = 0.0 if np.isnan(res.statistic) else float(res.statistic)
+    return {"tau": tau, "p_value": float(1.0 if np.isnan(res.pvalue) else res.pvalue), "candidates": len(halves)}
 
 
 def supernet_test_top1(run: Run) -> dict[str, float]:

@@ -11,9 +11,10 @@ from vitnas.data.augment import AugmentConfig, eval_transform
 from vitnas.data.datasets import Split
 from vitnas.evaluation import score_batches
 from vitnas.search.defaults import eval_batch
+from vitnas.search.run import merge_scores
 from vitnas.space.arch import ArchConfig
 
-__all__ = ["SupernetEvaluator", "stratified_parts"]
+__all__ = ["SplitHalves", "SupernetEvaluator", "stratified_parts"]
 
 
 class SupernetEvaluator:
@@ -101,6 +102,22 @@ class SupernetEvaluator:
             SupernetEvaluator(self.net, self.split.subset(head), **kw),
             SupernetEvaluator(self.net, self.split.subset(tail), **kw),
         )
+
+
+class SplitHalves:
+    """An evaluator's scores computed as two stratified halves of its split: the same metrics (up to float
+    rounding) at the same cost, plus each half's top-1 as `val_halves`. How well the halves agree across
+    candidates (split-half Kendall tau) says how reliably the scores rank archs."""
+
+    def __init__(self, evaluator: SupernetEvaluator, seed: int = 0) -> None:
+        self.a, self.b = evaluator.parts(0.5, seed)
+
+    def __len__(self) -> int:
+        return len(self.a) + len(self.b)
+
+    def __call__(self, arch: ArchConfig) -> dict[str, float | list[float]]:
+        ra, rb = self.a(arch), self.b(arch)
+        return {**merge_scores(ra, len(self.a), rb, len(self.b)), "val_halves": [ra["top1"], rb["top1"]]}
 
 
 def stratified_parts(labels: np.ndarray, fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -31,6 +31,7 @@ __all__ = [
     "SearchResult",
     "Workers",
     "load_candidates",
+    "merge_scores",
     "pareto_front",
     "run_search",
     "torch_workers",
@@ -288,9 +289,14 @@ class Halving:
 
     def combine(self, screen: Mapping[str, Any], finish: Mapping[str, float]) -> dict[str, Any]:
         """A promoted candidate's row: every metric of `finish` as the image-weighted mean of both parts."""
-        n0, n1 = self.screen_images, self.finish_images
-        merged = {k: (screen[k] * n0 + v * n1) / (n0 + n1) for k, v in finish.items()}
-        return {**screen, **merged, "val_images": n0 + n1}
+        merged = merge_scores(screen, self.screen_images, finish, self.finish_images)
+        return {**screen, **merged, "val_images": self.screen_images + self.finish_images}
+
+
+def merge_scores(a: Mapping[str, Any], n_a: int, b: Mapping[str, float], n_b: int) -> dict[str, float]:
+    """Metrics of two disjoint parts of a split (`n_a` and `n_b` images) as the whole split's: the
+    image-weighted mean of every metric of `b`."""
+    return {k: (a[k] * n_a + v * n_b) / (n_a + n_b) for k, v in b.items()}
 
 
 def _evaluate_shared(
