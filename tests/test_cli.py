@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 
+import numpy as np
+import onnx
 import pytest
 import torch
 
@@ -117,3 +120,26 @@ def test_keep_best_checkpoint_holds_the_best_evaluated_epoch(tmp_path):
 
     with safe_open(str(tmp_path / "r" / "best.safetensors"), "pt") as f:  # weights to export, no optimizer
         assert "optimizer" not in best and not [k for k in f.keys() if not k.startswith(("model.", "ema."))]  # noqa: SIM118
+
+
+def test_export_int8_onnx_reports_held_out_accuracy_of_both(tmp_path, capsys):
+    ckpt = _supernet(tmp_path)
+    arch = tmp_path / "arch.yaml"
+    ArchConfig(48, 2, (2.0, 2.0), (2, 2)).to_yaml(arch)
+    out = tmp_path / "exp"
+    assert cli_main(["export", str(ckpt), "--arch", str(arch), "--out", str(out), "--int8"]) == 2
+    assert "--int8 quantizes the ONNX model: pass --onnx too" in capsys.readouterr().err
+    assert cli_main(["export", str(ckpt), "--arch", str(arch), "--out", str(out), "--onnx", "--int8"]) == 0
+    assert "held-out top-1" in capsys.readouterr().out
+    report = json.loads((out / "config.json").read_text())["onnx_int8"]
+    assert report["mode"] == "static" and report["val_images"] == 200 and report["calibration_images"] == 256
+    assert abs(report["top1_int8"] - report["top1_fp32"]) <= 5.0  # a barely trained net: close, not equal
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temp files left
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(out / "model.int8.onnx"), providers=["CPUExecutionProvider"])
+    assert any(n.op_type == "QuantizeLinear" for n in onnx.load(out / "model.int8.onnx").graph.node)
+    assert session.run(None, {"images": np.zeros((3, 3, 16, 16), np.float32)})[0].shape == (3, 10)
+    assert cli_main(["export", str(ckpt), "--arch", str(arch), "--out", str(tmp_path / "d"), "--onnx", "--int8",
+                 "--int8-dynamic"]) == 0  # fmt: skip
+    assert json.loads((tmp_path / "d" / "config.json").read_text())["onnx_int8"]["mode"] == "dynamic"
