@@ -22,7 +22,7 @@ import torch
 from vitnas.data import BatchAugment, epoch_batches, load_data, recipe
 from vitnas.evaluation import evaluate
 from vitnas.train import TrainConfig, Trainer
-from vitnas.train.trainer import sample_step_archs
+from vitnas.train.tasks import sample_step_archs
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10"
 
