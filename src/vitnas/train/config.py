@@ -67,7 +67,7 @@ class TrainConfig:
     clip_grad: float | None = 5.0  # max gradient norm; null = off
     drop_path: float = 0.1
     ema_decay: float = 0.0  # exponential moving average of the weights; 0 = off
-    amp: str = "auto"  # auto (bf16/fp16 on CUDA, off on CPU) | off | bf16 | fp16
+    amp: str = "auto"  # auto (CUDA: bf16 or fp16; CPU: bf16 with AMX or AVX512-BF16, else fp32) | off | bf16 | fp16
     # -- bookkeeping
     seed: int = 0  # seeds weights, data order, validation split, subnets and augmentation
     deterministic: bool = False  # deterministic kernels (exact resume and reproducible runs)

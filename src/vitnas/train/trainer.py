@@ -174,7 +174,7 @@ class Trainer:
         self.task.model, self.task.ctx = self.model, ctx
 
     def _amp_dtype(self) -> torch.dtype | None:
-        return amp_dtype(self.cfg.amp, self.device, cpu_auto=False)
+        return amp_dtype(self.cfg.amp, self.device)
 
     def epoch_batches(self, epoch: int) -> list[np.ndarray]:
         """The index batches of `epoch` on this rank (seeded by (seed, epoch); repeated augmentation)."""
@@ -201,6 +201,7 @@ class Trainer:
             rank=self.dist.rank,
             world=self.dist.world,
             reduce=lambda t: all_reduce_sum(t, self.dist),
+            amp_dtype=self.amp_dtype,
         )
 
     # -- checkpoints ------------------------------------------------------------------------------
