@@ -412,6 +412,28 @@ def _save_logits_config() -> type:
     return SaveLogitsConfig
 
 
+def _add_export_parser(sub: argparse._SubParsersAction) -> None:
+    export = sub.add_parser("export", help="export a subnet (model.safetensors, arch.yaml, config.json, ONNX)")
+    export.add_argument("checkpoint", help="a supernet checkpoint (with --arch) or a subnet checkpoint")
+    export.add_argument("--arch", help="arch YAML, e.g. OUT/search/evolution/best.yaml")
+    export.add_argument("--out", required=True, help="output folder")
+    export.add_argument("--onnx", action="store_true", help="also write model.onnx, checked with onnxruntime")
+    export.add_argument(
+        "--int8",
+        action="store_true",
+        help="with --onnx: also write model.int8.onnx (onnxruntime quantization, calibrated on training images) "
+        "and report held-out top-1 and speed of both",
+    )
+    export.add_argument(
+        "--int8-dynamic", action="store_true", help="quantize activations at run time instead of calibrating"
+    )
+    export.add_argument(
+        "--calibration", type=int, default=256, help="training images that calibrate static int8 (default: 256)"
+    )
+    export.add_argument("--data-path", help="the checkpoint's data, if not at its recorded data_path (for --int8)")
+    export.set_defaults(func=cmd_export)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vitnas", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -434,25 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--fresh", action="store_true", help="start over instead of continuing a previous run")
     search.set_defaults(func=cmd_search)
 
-    export = sub.add_parser("export", help="export a subnet (model.safetensors, arch.yaml, config.json, ONNX)")
-    export.add_argument("checkpoint", help="a supernet checkpoint (with --arch) or a subnet checkpoint")
-    export.add_argument("--arch", help="arch YAML, e.g. OUT/search/evolution/best.yaml")
-    export.add_argument("--out", required=True, help="output folder")
-    export.add_argument("--onnx", action="store_true", help="also write model.onnx, checked with onnxruntime")
-    export.add_argument(
-        "--int8",
-        action="store_true",
-        help="with --onnx: also write model.int8.onnx (onnxruntime quantization, calibrated on training images) "
-        "and report held-out top-1 and speed of both",
-    )
-    export.add_argument(
-        "--int8-dynamic", action="store_true", help="quantize activations at run time instead of calibrating"
-    )
-    export.add_argument(
-        "--calibration", type=int, default=256, help="training images that calibrate static int8 (default: 256)"
-    )
-    export.add_argument("--data-path", help="the checkpoint's data, if not at its recorded data_path (for --int8)")
-    export.set_defaults(func=cmd_export)
+    _add_export_parser(sub)
 
     space = sub.add_parser("space", help="a space's supernet: sample subnets, show their costs, run a forward")
     add_space_args(space, "autoformer-tiny")
