@@ -3,7 +3,8 @@
 The CPU's bf16 capability (`vitnas.precision`), its fp32 and bf16 matmul peaks, and for each workload
 images/s and the fraction of the matching peak (2 x MACs x images/s; a training step counts 3x the
 forward's MACs) in fp32, bf16 (CPU autocast), and for inference also ONNX fp32 and ONNX int8 (onnxruntime,
-dynamic quantization of MatMul/Gemm/Conv, same thread count). fp32 and bf16 are interleaved round by
+int8 by dynamic quantization of MatMul/Gemm, and static QDQ of MatMul/Gemm/Conv calibrated on
+random inputs, same thread count). fp32 and bf16 are interleaved round by
 round. Where the CPU lacks native bf16 the bf16 rows are skipped and the line says so.
 
 Workloads: the autoformer-tiny supernet's training step (224 px, batch 8, a random subnet per step) and
@@ -112,12 +113,18 @@ def onnx_rates(model: torch.nn.Module, x: torch.Tensor, macs_per_image: int, thr
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = Path(tmp) / "m.onnx"
         export_onnx(model.eval(), fp32, atol=1e-3)
-        quantize_onnx(fp32, Path(tmp) / "m.int8.onnx")
+        quantize_onnx(fp32, Path(tmp) / "m.int8d.onnx")
+        calib = torch.randn(64, *x.shape[1:])  # speed only: the ranges need not fit real images
+        quantize_onnx(fp32, Path(tmp) / "m.int8s.onnx", calibration=calib)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
         sessions = {
             name: ort.InferenceSession(str(Path(tmp) / f), opts, providers=["CPUExecutionProvider"])
-            for name, f in (("onnx_fp32", "m.onnx"), ("onnx_int8", "m.int8.onnx"))
+            for name, f in (
+                ("onnx_fp32", "m.onnx"),
+                ("onnx_int8_dynamic", "m.int8d.onnx"),
+                ("onnx_int8_static", "m.int8s.onnx"),
+            )
         }
         feed = {"images": x.numpy()}
         times = {name: [] for name in sessions}
@@ -158,6 +165,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2, help="torch and onnxruntime CPU threads")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median reported)")
     p.add_argument("--quick", action="store_true", help="fewer repetitions (a smoke run)")
+    p.add_argument("--only", nargs="*", help="measure only the workloads whose names contain one of these")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     cap = cpu_bf16_capability()
@@ -191,6 +199,8 @@ def main() -> None:
         "matmul_gflops_fp32": round(peak32, 1),
         "matmul_gflops_bf16": round(peak16, 1) if peak16 else None,
     }
+    if args.only:
+        rows = {k: v for k, v in rows.items() if any(word in k for word in args.only)}
     for name, (run, reps, onnx) in rows.items():
         r = measure(run, args.rounds, reps, bf16=cap is not None)
         if onnx is not None:

@@ -253,9 +253,12 @@ def latency_report(run: Run) -> dict[str, Any] | None:
 def paired_comparison(run: Run) -> dict[str, Any] | None:
     """The main search's best arch against random search's on the same validation images: how many images
     only one of them gets right, and McNemar's exact two-sided p-value (a paired test, far more sensitive
-    than comparing two accuracies' standard errors). None without a baseline or when both are one arch."""
+    than comparing two accuracies' standard errors). None without a baseline, when both are one arch, or
+    for a bilateral (ViTAS) supernet, whose scores average two slicings."""
     main, rnd = run.results.get(run.search.strategy), run.results.get("random")
     if main is None or rnd is None or main is rnd or not main.best or not rnd.best:
+        return None
+    if run.meta["config"].get("bilateral") or run.supernet.space.bilateral:
         return None
     if main.best["key"] == rnd.best["key"]:
         return None
