@@ -29,7 +29,6 @@ def test_amp_modes(monkeypatch):
     assert amp_dtype("fp16", "cpu") is torch.float16
     monkeypatch.setattr("vitnas.precision.cpu_bf16_capability", lambda: "AVX512-BF16")
     assert amp_dtype("auto", "cpu") is torch.bfloat16
-    assert amp_dtype("auto", "cpu", cpu_auto=False) is None
     monkeypatch.setattr("vitnas.precision.cpu_bf16_capability", lambda: None)
     assert amp_dtype("auto", "cpu") is None
     with pytest.raises(ValueError, match="amp='half'"):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -34,20 +34,30 @@ def evaluate(
 ) -> dict[str, float]:
     """{'top1': %, 'loss': mean CE, 'n': images}. With `world` > 1 each rank takes a shard and `reduce`
     (an all-reduce sum) combines the counts. `amp_dtype` runs the model under autocast (None: fp32)."""
-    was_training = model.training
-    model.eval()
-    ctx = model.active(arch) if arch is not None else contextlib.nullcontext()
     if len(split) == 0:
         raise ValueError("cannot evaluate on an empty split")
-    batches = (
-        (eval_transform(images.to(device), img_size, norm), labels.to(device))
-        for images, labels in split.sequential(batch_size, rank, world)
-    )
+    with _in_eval_mode(model, arch):
+        batches = _normalized(split, img_size, norm, batch_size, device, rank, world)
+        return score_batches(model, batches, reduce, amp_dtype)
+
+
+@contextlib.contextmanager
+def _in_eval_mode(model: nn.Module, arch: ArchConfig | None) -> Iterator[None]:
+    """The model in eval mode (running `arch` if given) for the body, its train/eval mode restored after."""
+    was_training = model.training
+    model.eval()
     try:
-        with ctx:
-            return score_batches(model, batches, reduce, amp_dtype)
+        with model.active(arch) if arch is not None else contextlib.nullcontext():
+            yield
     finally:
         model.train(was_training)
+
+
+def _normalized(
+    split: Split, img_size: int, norm: AugmentConfig, batch_size: int, device, rank: int = 0, world: int = 1
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    for images, labels in split.sequential(batch_size, rank, world):
+        yield eval_transform(images.to(device), img_size, norm), labels.to(device)
 
 
 @torch.inference_mode()
@@ -87,16 +97,10 @@ def correct_per_image(
 ) -> torch.Tensor:
     """Whether `model` (or subnet `arch`) classifies each image of `split` correctly: a bool tensor in split
     order, for paired comparisons of two models on the same images."""
-    was_training = model.training
-    model.eval()
     out = []
-    try:
-        with model.active(arch) if arch is not None else contextlib.nullcontext():
-            for images, labels in split.sequential(batch_size):
-                x = eval_transform(images.to(device), img_size, norm)
-                with autocast(x.device, amp_dtype):
-                    logits = model(x)
-                out.append((logits.argmax(-1) == labels.to(device)).cpu())
-    finally:
-        model.train(was_training)
+    with _in_eval_mode(model, arch):
+        for x, labels in _normalized(split, img_size, norm, batch_size, device):
+            with autocast(x.device, amp_dtype):
+                logits = model(x)
+            out.append((logits.argmax(-1) == labels).cpu())
     return torch.cat(out)

@@ -46,10 +46,10 @@ def cpu_bf16_capability(cpuinfo: str | None = None) -> str | None:
 _logged: set[tuple[str, str]] = set()
 
 
-def amp_dtype(mode: str, device: torch.device | str, *, cpu_auto: bool = True) -> torch.dtype | None:
+def amp_dtype(mode: str, device: torch.device | str) -> torch.dtype | None:
     """The autocast dtype of `mode` (auto | off | bf16 | fp16) on `device`, None for fp32. `auto`: bf16 or
-    fp16 on CUDA; on the CPU bf16 where `cpu_bf16_capability()` finds native support (and `cpu_auto`),
-    else fp32. The choice `auto` makes is logged once per device type."""
+    fp16 on CUDA; on the CPU bf16 where `cpu_bf16_capability()` finds native support, else fp32. The
+    choice `auto` makes is logged once per device type."""
     if mode not in AMP_MODES:
         raise ValueError(f"amp={mode!r}; expected one of {AMP_MODES}")
     device = torch.device(device)
@@ -64,7 +64,7 @@ def amp_dtype(mode: str, device: torch.device | str, *, cpu_auto: bool = True) -
         why = "CUDA"
     elif device.type == "cpu":
         cap = cpu_bf16_capability()
-        dtype = torch.bfloat16 if cap and cpu_auto else None
+        dtype = torch.bfloat16 if cap else None
         why = f"CPU with {cap}" if cap else "CPU without native bf16"
     else:
         dtype, why = None, device.type
