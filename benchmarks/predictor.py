@@ -50,7 +50,7 @@ def main() -> None:
     supernet, meta = load_model(args.checkpoint)
     data = load_data_of(meta, data_path=args.data, source=args.checkpoint)
     norm = AugmentConfig.from_dict(meta["norm"])
-    evaluator = SupernetEvaluator(supernet, data.val, img_size=meta["img_size"], norm=norm, batch_size=500)
+    evaluator = SupernetEvaluator(supernet, data.val, img_size=meta["img_size"], norm=norm)
     space = supernet.space
     memo: dict[str, dict] = {}
     spent = [0.0]

@@ -55,7 +55,7 @@ def main() -> None:
     params_max = args.params_max or (lo + hi) / 2
     constraints = Constraints.from_dict({"params": [None, params_max]})
     costs = {"params": supernet.num_params, "macs": supernet.num_macs}
-    evaluator = SupernetEvaluator(supernet, data.val, img_size=meta["img_size"], norm=norm, batch_size=500)
+    evaluator = SupernetEvaluator(supernet, data.val, img_size=meta["img_size"], norm=norm)
     memo: dict[str, dict] = {}
     eval_seconds = [0.0]
 
