@@ -339,6 +339,46 @@ def _finished(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in rows if not r.get("screened_out")]
 
 
+def _rows_as_evaluated(
+    archs: list[ArchConfig],
+    todo: list[ArchConfig],
+    gen: int,
+    evaluate: Evaluate,
+    costs: Mapping[str, Callable[[ArchConfig], float]],
+    constraints: Constraints,
+    cache: dict[str, dict[str, Any]],
+    cand_path: Path,
+    progress: Callable[[int, int, dict[str, Any]], None] | None,
+    workers: Workers,
+) -> list[dict[str, Any]]:
+    """This rank's share of `todo` evaluated in the order asked (one process: each row on disk as soon as
+    evaluated), every rank's rows gathered into `cache` and (rank 0) `cand_path`; the new rows."""
+    mine_keys = {a.key() for a in todo[workers.rank :: workers.world]}
+    with open(cand_path, "a") if workers.is_main else contextlib.nullcontext() as f:
+        mine: dict[str, dict[str, Any]] = {}
+        for i, arch in enumerate(archs):
+            key = arch.key()
+            if key in mine_keys and key not in mine:
+                mine[key] = _evaluate_new(arch, gen, evaluate, costs, constraints)
+                if workers.world == 1:  # one process: on disk as soon as evaluated
+                    f.write(json.dumps(mine[key]) + "\n")
+                    f.flush()
+            row = cache.get(key) or mine.get(key)
+            if progress and row is not None:
+                progress(gen, i, row)
+        mine = list(mine.values())
+        gathered = workers.gather(mine) if workers.world > 1 else [mine]
+        by_key = {row["key"]: row for rows in gathered for row in rows}
+        new = [by_key[a.key()] for a in todo]
+        cache.update(by_key)
+        if f is not None:
+            if workers.world > 1:
+                f.writelines(json.dumps(row) + "\n" for row in new)
+            f.flush()
+            os.fsync(f.fileno())  # the rows are on disk before the state that counts them
+    return new
+
+
 def _run_generation(
     strategy: Strategy,
     evaluate: Evaluate,
@@ -367,31 +407,8 @@ def _run_generation(
         for i, arch in enumerate(archs):
             if progress:
                 progress(gen, i, cache[arch.key()])
-        strategy.tell(archs, [cache[a.key()]["top1"] for a in archs])
-        return archs, new
-    mine_keys = {a.key() for a in todo[workers.rank :: workers.world]}
-    with open(cand_path, "a") if workers.is_main else contextlib.nullcontext() as f:
-        mine: dict[str, dict[str, Any]] = {}
-        for i, arch in enumerate(archs):
-            key = arch.key()
-            if key in mine_keys and key not in mine:
-                mine[key] = _evaluate_new(arch, gen, evaluate, costs, constraints)
-                if workers.world == 1:  # one process: on disk as soon as evaluated
-                    f.write(json.dumps(mine[key]) + "\n")
-                    f.flush()
-            row = cache.get(key) or mine.get(key)
-            if progress and row is not None:
-                progress(gen, i, row)
-        mine = list(mine.values())
-        gathered = workers.gather(mine) if workers.world > 1 else [mine]
-        by_key = {row["key"]: row for rows in gathered for row in rows}
-        new = [by_key[a.key()] for a in todo]
-        cache.update(by_key)
-        if f is not None:
-            if workers.world > 1:
-                f.writelines(json.dumps(row) + "\n" for row in new)
-            f.flush()
-            os.fsync(f.fileno())  # the rows are on disk before the state that counts them
+    else:
+        new = _rows_as_evaluated(archs, todo, gen, evaluate, costs, constraints, cache, cand_path, progress, workers)
     strategy.tell(archs, [cache[a.key()]["top1"] for a in archs])
     return archs, new
 

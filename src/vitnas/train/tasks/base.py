@@ -20,6 +20,7 @@ from torch import nn
 
 from vitnas.data.augment import AugmentConfig, BatchAugment
 from vitnas.distill.losses import soft_cross_entropy
+from vitnas.precision import autocast
 
 __all__ = [
     "Augment",
@@ -94,7 +95,7 @@ class TaskContext:
     evaluate: Callable[..., dict[str, float]]  # evaluate(model, arch=None) -> {'top1', 'loss', 'n'} on val
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+        return autocast(self.device, self.amp_dtype)
 
 
 class Task:
