@@ -148,3 +148,18 @@ def test_two_ranks_halve_like_one_process(tmp_path):
     mp.start_processes(_rank, args=(2, str(tmp_path / "init"), str(tmp_path / "two")), nprocs=2, start_method="spawn")
     for name in ("candidates.jsonl", "state.json", "pareto.json", "best.yaml", "progress.json"):
         assert (tmp_path / "two" / name).read_text() == (tmp_path / "one" / name).read_text()
+
+
+def test_search_config_names_bad_halving_and_amp_values():
+    from vitnas.search import SearchConfig
+
+    assert SearchConfig.from_dict({"halving": 0.25, "halving_keep": 0.5, "amp": "bf16"}).halving == 0.25
+    for bad, match in (
+        ({"halving": 1.0}, "halving=1.0; expected 0 \\(off\\) or a share"),
+        ({"halving": -0.1}, "halving=-0.1"),
+        ({"halving_keep": 0.0}, "halving_keep=0.0; expected a share of candidates in \\(0, 1\\]"),
+        ({"amp": "half"}, "amp='half'; expected one of"),
+        ({"batch_size": 0}, "batch_size must be >= 1"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            SearchConfig.from_dict(bad, source="cfg.yaml: search")
