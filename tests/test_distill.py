@@ -161,3 +161,25 @@ def test_teacher_in_bfloat16_returns_float32_logits_close_to_the_float32_teacher
     torch.testing.assert_close(b, a, atol=0.1, rtol=0.05)
     with pytest.raises(ValueError, match="teacher_dtype='int8'"):
         load_teacher(str(folder), dtype="int8")
+
+
+def test_teacher_auto_runs_fp32_weights_under_the_amp_auto_precision(tmp_path, monkeypatch):
+    """`auto` keeps fp32 weights and autocasts to what amp `auto` picks: bf16 on a CPU with native bf16, fp32
+    on one without (then bit-equal to the float32 teacher)."""
+    import vitnas.distill.teacher as teacher_mod
+
+    vit = VisionTransformer.from_arch(
+        ArchConfig(48, 2, (2.0,) * 2, (2,) * 2), img_size=16, patch_size=4, num_classes=10, head_dim=16, rel_pos_max=3
+    )
+    folder = export_subnet(vit, tmp_path / "t")
+    full, auto = load_teacher(str(folder), dtype="float32"), load_teacher(str(folder))
+    assert next(auto.model.parameters()).dtype == torch.float32
+    x = torch.randn(4, 3, 16, 16)
+    monkeypatch.setattr(teacher_mod, "amp_dtype", lambda mode, device: None)
+    assert auto.compute_dtype() == "float32"
+    torch.testing.assert_close(auto(x), full(x), atol=0, rtol=0)
+    monkeypatch.setattr(teacher_mod, "amp_dtype", lambda mode, device: torch.bfloat16)
+    assert auto.compute_dtype() == "bfloat16"
+    y = auto(x)
+    assert y.dtype == torch.float32 and not torch.equal(y, full(x))
+    torch.testing.assert_close(y, full(x), atol=0.1, rtol=0.05)

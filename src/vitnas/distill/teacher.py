@@ -1,6 +1,6 @@
 """A frozen teacher from any model vitnas can build: a registered model name (+ weights), an exported
 folder, or a training checkpoint of a single model. Always in eval mode, never tracked by autograd,
-optionally held in a lower precision."""
+run in reduced precision where the device has it fast (`auto`: `vitnas.precision`) or held in one."""
 
 from __future__ import annotations
 
@@ -17,12 +17,15 @@ from vitnas.export import load_subnet
 from vitnas.models.registry import create_model, list_models
 from vitnas.models.spec import load_model, spec_of
 from vitnas.models.weights import load_weights
+from vitnas.precision import amp_dtype, autocast
 
 __all__ = ["TEACHER_DTYPES", "Teacher", "load_teacher"]
 
 log = logging.getLogger(__name__)
 
-TEACHER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# auto: fp32 weights under autocast where amp `auto` picks a reduced precision (bf16 on CPUs with AMX or
+# AVX512-BF16, on CUDA), plain fp32 elsewhere; the others hold the weights in that dtype.
+TEACHER_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def file_digest(path: str | Path, limit: int = 1 << 62) -> str:
@@ -40,10 +43,11 @@ def file_digest(path: str | Path, limit: int = 1 << 62) -> str:
 class Teacher:
     """`teacher(images) -> float32 logits`, in inference mode."""
 
-    def __init__(self, model: nn.Module, *, source: str, digest: str | None, dtype: str = "float32") -> None:
+    def __init__(self, model: nn.Module, *, source: str, digest: str | None, dtype: str = "auto") -> None:
         if dtype not in TEACHER_DTYPES:
             raise ValueError(f"teacher_dtype={dtype!r}; expected one of {list(TEACHER_DTYPES)}")
-        self.dtype = TEACHER_DTYPES[dtype]
+        self.auto = TEACHER_DTYPES[dtype] is None
+        self.dtype = TEACHER_DTYPES[dtype] or torch.float32
         self.model = model.eval().to(self.dtype)
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -57,8 +61,17 @@ class Teacher:
         self.model.to(device)
         return self
 
+    def compute_dtype(self) -> str:
+        """The precision the teacher's matmuls run in where its weights are (what a logit store records)."""
+        device = next(self.model.parameters()).device
+        dtype = (amp_dtype("auto", device) or torch.float32) if self.auto else self.dtype
+        return str(dtype).removeprefix("torch.")
+
     @torch.inference_mode()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        if self.auto:
+            with autocast(images.device, amp_dtype("auto", images.device)):
+                return self.model(images).float()
         return self.model(images.to(self.dtype)).float()
 
     def describe(self) -> dict[str, Any]:
@@ -85,7 +98,7 @@ def load_teacher(
     weights: str | None = None,
     num_classes: int | None = None,
     img_size: int | None = None,
-    dtype: str = "float32",
+    dtype: str = "auto",
 ) -> Teacher:
     """`spec`: an exported folder, a vitnas training checkpoint, or a registered model name (built with
     `num_classes` / `img_size`, its weights from `weights`, which must fit it exactly)."""

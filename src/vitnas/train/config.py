@@ -37,7 +37,7 @@ class TrainConfig:
         None  # distil from: an exported folder, a checkpoint, or a registered model (+ teacher_weights)
     )
     teacher_weights: str | None = None  # weights of a registered-model teacher (.pth / .safetensors)
-    teacher_dtype: str = "float32"  # the teacher's precision: float32 | bfloat16 | float16
+    teacher_dtype: str = "auto"  # auto (bf16 autocast where amp auto would use it, else fp32) | float32 | bfloat16 | float16
     distill: str = "soft"  # with a teacher: soft (KL at distill_tau) | hard (CE on its argmax) | minivit (relations)
     distill_alpha: float = 0.5  # weight of the distillation loss; 1 - alpha goes to the label loss
     distill_tau: float = 1.0  # soft KD temperature

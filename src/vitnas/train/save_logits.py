@@ -52,7 +52,7 @@ class SaveLogitsConfig:
     teacher: str = ""  # required: an exported folder, a checkpoint, or a registered model (+ teacher_weights)
     out: str = ""  # required: the store folder (created; an existing store of the same settings is continued)
     teacher_weights: str | None = None  # weights of a registered-model teacher
-    teacher_dtype: str = "float32"  # the teacher's precision: float32 | bfloat16 | float16
+    teacher_dtype: str = "auto"  # auto (bf16 autocast where amp auto would use it, else fp32) | float32 | bfloat16 | float16
     data_path: str | None = None  # image folders as for training; None = embedded digits
     img_size: int | None = None  # default: the teacher's input size
     val_per_class: int = 100  # must match the student's run: the store covers its training split
@@ -101,7 +101,7 @@ def store_manifest(cfg: SaveLogitsConfig, teacher: Teacher, data, img_size: int,
         "img_size": img_size,
         "recipe": cfg.recipe,
         "augment": aug.to_dict(),
-        "teacher": {**teacher.describe(), "dtype": cfg.teacher_dtype},
+        "teacher": {**teacher.describe(), "dtype": teacher.compute_dtype()},
         "data": {"name": data.name, "classes": data.classes, "digest": data.train.digest(), "images": len(data.train)},
         "split": {"val_per_class": cfg.val_per_class, "seed": cfg.seed},
         "chunk_size": cfg.chunk_size,
