@@ -50,16 +50,21 @@ def run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     )
 
 
-def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("method", ["supernet", "cream"])
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path, method):
+    """Cream: the board fills and the meta network is updated (every 3 steps) in the second epoch, where the
+    run is killed; the resumed run ends with the same board, meta network, weights and optimizers."""
     cfg = tmp_path / "tiny.yaml"
-    cfg.write_text(yaml.safe_dump(TINY))
-    full = run_cli(["train-supernet", "--config", str(cfg), "--out-dir", "full"], tmp_path)
+    extra = {"cream": {"start_epoch": 1, "meta_every": 3, "board_size": 3}} if method == "cream" else {}
+    cfg.write_text(yaml.safe_dump({**TINY, **extra}))
+    full = run_cli(["train-supernet", "--method", method, "--config", str(cfg), "--out-dir", "full"], tmp_path)
     assert full.returncode == 0, full.stderr
     total = ckpt_step(tmp_path / "full" / "last.safetensors")
     steps_per_epoch = total // 2
 
     proc = subprocess.Popen(
-        [sys.executable, "-m", "vitnas.cli", "train-supernet", "--config", str(cfg), "--out-dir", "killed"],
+        [sys.executable, "-m", "vitnas.cli", "train-supernet", "--method", method, "--config", str(cfg)]
+        + ["--out-dir", "killed"],
         cwd=tmp_path,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -75,16 +80,23 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path):
     proc.wait()
     killed_at = ckpt_step(tmp_path / "killed" / "last.safetensors")
     assert killed_at is not None and steps_per_epoch < killed_at < total and killed_at % steps_per_epoch
-    resumed = run_cli(["train-supernet", "--config", str(cfg), "--out-dir", "killed", "--resume"], tmp_path)
+    resumed = run_cli(
+        ["train-supernet", "--method", method, "--config", str(cfg), "--out-dir", "killed", "--resume"], tmp_path
+    )
     assert resumed.returncode == 0, resumed.stderr
     a, meta_a = read_checkpoint(tmp_path / "full" / "last.safetensors")
     b, meta_b = read_checkpoint(tmp_path / "killed" / "last.safetensors")
     assert meta_b["step"] == total
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
-    for key in a["optim"]:
-        assert torch.equal(a["optim"][key], b["optim"][key]), key
+    for group in ("optim", "task") + (("optim_meta",) if method == "cream" else ()):
+        assert a[group].keys() == b[group].keys()
+        for key in a[group]:
+            assert torch.equal(a[group][key], b[group][key]), (group, key)
     assert meta_a["history"] == meta_b["history"]
+    if method == "cream":
+        assert a["task"] and meta_a["cream"] == meta_b["cream"] and meta_a["cream"]["meta_updates"] > 0
+        assert len(meta_a["cream"]["board"]) == 3
     rows = (tmp_path / "killed" / "metrics.csv").read_text().splitlines()[1:]
     assert [int(r.split(",")[0]) for r in rows] == list(range(2, total + 1, 2))  # no duplicated log rows
 

@@ -337,7 +337,7 @@ def _run_training(args: argparse.Namespace, task: str) -> int:
 
 
 def cmd_train_supernet(args: argparse.Namespace) -> int:
-    return _run_training(args, "supernet")
+    return _run_training(args, args.method)
 
 
 def cmd_retrain(args: argparse.Namespace) -> int:
@@ -471,6 +471,13 @@ def build_parser() -> argparse.ArgumentParser:
     costs.set_defaults(func=cmd_costs)
 
     ts = sub.add_parser("train-supernet", help="train a weight-sharing supernet")
+    ts.add_argument(
+        "--method",
+        choices=("supernet", "cream"),
+        default="supernet",
+        help="supernet: one uniformly sampled path per step (AutoFormer / SPOS, or --sampling sandwich); cream: "
+        "prioritized paths distilled by meta-matching (Cream; settings with --cream KEY=VALUE)",
+    )
     _add_config_flags(ts)
     ts.set_defaults(func=cmd_train_supernet)
     md = sub.add_parser("models", help="list the registered models (for retrain --model) and their sizes")

@@ -20,7 +20,8 @@ KD_KINDS = ("soft", "hard")
 
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Cross-entropy against probability targets (mixup / cutmix / label smoothing / a teacher)."""
-    return torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+    logits = logits if logits.dtype == torch.float64 else logits.float()  # reduced precision in, fp32 loss out
+    return torch.sum(-targets * F.log_softmax(logits, dim=-1), dim=-1).mean()
 
 
 def soft_kd_loss(student: torch.Tensor, teacher: torch.Tensor, tau: float) -> torch.Tensor:

@@ -26,6 +26,7 @@ from vitnas.search import Constraints, Halving, SearchConfig, Workers, build_str
 from vitnas.search.evaluator import SplitHalves, SupernetEvaluator
 from vitnas.space.arch import ArchConfig
 from vitnas.train import StepInfo, TrainConfig, Trainer
+from vitnas.train.config import SUPERNET_TASKS
 
 __all__ = [
     "Progress",
@@ -94,12 +95,16 @@ def supernet_stage(run: Run) -> None:
     data = None
     if not cfg.checkpoint:
         train_cfg = TrainConfig.from_dict(
-            {**cfg.train, "task": "supernet", "out_dir": str(run.out / "supernet")}, source=f"{cfg.source}: train"
+            {"task": "supernet", **cfg.train, "out_dir": str(run.out / "supernet")}, source=f"{cfg.source}: train"
         )
+        if train_cfg.task not in SUPERNET_TASKS:
+            raise ValueError(
+                f"{cfg.source}: train.task={train_cfg.task!r}; the pipeline trains a supernet: one of {SUPERNET_TASKS}"
+            )
         trainer = Trainer(train_cfg, resume=True, progress=run.step_progress("train supernet"), device=run.device)
         train_or_continue(trainer)
         data = trainer.data
-    if read_metadata(run.ckpt)["model"]["kind"] != "supernet":
+    if not read_metadata(run.ckpt)["model"]["kind"].endswith("supernet"):
         raise ValueError(f"{run.ckpt}: checkpoint must hold a supernet, this one holds a single model")
     supernet, run.meta = load_model(run.ckpt)
     run.supernet = supernet.to(run.device)

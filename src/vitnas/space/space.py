@@ -158,6 +158,10 @@ class SearchSpace:
             return [f"patch_size={arch.patch_size} is not one of the allowed choices {list(self.patch_sizes)}"]
         return []
 
+    def arch_from_dict(self, data: Mapping[str, Any], *, source: str = "arch") -> ArchConfig:
+        """An arch of this space's kind from its `to_dict()` form (spaces of other kinds return theirs)."""
+        return ArchConfig.from_dict(data, source=source)
+
     def contains(self, arch: ArchConfig) -> bool:
         return not self.violations(arch)
 

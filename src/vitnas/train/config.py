@@ -11,11 +11,12 @@ from vitnas._config import check_fields, check_range
 from vitnas.precision import AMP_MODES
 from vitnas.space.yaml_io import load_yaml
 
-__all__ = ["TrainConfig", "SAMPLINGS", "RETRAIN_TASKS"]
+__all__ = ["TrainConfig", "SAMPLINGS", "RETRAIN_TASKS", "SUPERNET_TASKS"]
 
 # Task names that train one model (an arch or a registered model); "subnet" is the name configs have
 # always used for either. Other task names are checked against the task registry by the trainer.
 RETRAIN_TASKS = ("subnet", "arch", "registry")
+SUPERNET_TASKS = ("supernet", "cream")  # tasks whose checkpoint is a supernet to search
 SAMPLINGS = ("uniform", "sandwich")
 
 
@@ -32,12 +33,15 @@ class TrainConfig:
     sampling: str = "uniform"  # supernet task: uniform (AutoFormer, one random subnet per step) | sandwich
     sandwich_random: int = 2  # sandwich rule: random subnets per step besides the largest and smallest
     inplace_distill: bool = True  # sandwich rule: smaller subnets learn the largest one's predictions
+    cream: dict[str, Any] = field(default_factory=dict)  # task cream: CreamConfig fields (board_size, pick, ...)
     bilateral: bool = False  # supernet: alternate left / right width slicing step by step (BCNet, ViTAS)
     teacher: str | None = (
         None  # distil from: an exported folder, a checkpoint, or a registered model (+ teacher_weights)
     )
     teacher_weights: str | None = None  # weights of a registered-model teacher (.pth / .safetensors)
-    teacher_dtype: str = "auto"  # auto (bf16 autocast where amp auto would use it, else fp32) | float32 | bfloat16 | float16
+    teacher_dtype: str = (
+        "auto"  # auto (bf16 autocast where amp auto picks it, else fp32) | float32 | bfloat16 | float16
+    )
     distill: str = "soft"  # with a teacher: soft (KL at distill_tau) | hard (CE on its argmax) | minivit (relations)
     distill_alpha: float = 0.5  # weight of the distillation loss; 1 - alpha goes to the label loss
     distill_tau: float = 1.0  # soft KD temperature
@@ -118,7 +122,7 @@ class TrainConfig:
                 f"{source}: task {self.task!r} trains one {needs}: set {needs} (got arch={self.arch!r}, "
                 f"model={self.model!r})"
             )
-        if self.task == "supernet" and self.model:
+        if self.task in SUPERNET_TASKS and self.model:
             raise ValueError(f"{source}: model={self.model!r} is for retrain (task 'subnet'), not supernet training")
         if self.pretrained and (self.task not in RETRAIN_TASKS or self.init_from):
             raise ValueError(

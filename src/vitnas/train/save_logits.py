@@ -52,7 +52,9 @@ class SaveLogitsConfig:
     teacher: str = ""  # required: an exported folder, a checkpoint, or a registered model (+ teacher_weights)
     out: str = ""  # required: the store folder (created; an existing store of the same settings is continued)
     teacher_weights: str | None = None  # weights of a registered-model teacher
-    teacher_dtype: str = "auto"  # auto (bf16 autocast where amp auto would use it, else fp32) | float32 | bfloat16 | float16
+    teacher_dtype: str = (
+        "auto"  # auto (bf16 autocast where amp auto picks it, else fp32) | float32 | bfloat16 | float16
+    )
     data_path: str | None = None  # image folders as for training; None = embedded digits
     img_size: int | None = None  # default: the teacher's input size
     val_per_class: int = 100  # must match the student's run: the store covers its training split

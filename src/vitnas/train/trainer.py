@@ -162,6 +162,7 @@ class Trainer:
             amp_dtype=self.amp_dtype,
             backward=lambda loss: self.scaler.scale(loss).backward(),
             evaluate=self._evaluate,
+            all_reduce_mean=lambda tensors: all_reduce_mean_(tensors, self.dist),
         )
         torch.manual_seed(cfg.seed)
         model = self.task.build_model(ctx, self.data.num_classes)

@@ -11,6 +11,7 @@ from vitnas.train.tasks.base import (
     task_class,
     task_names,
 )
+from vitnas.train.tasks.cream import CreamTask
 from vitnas.train.tasks.kd import KDTask
 from vitnas.train.tasks.minivit import MiniViTTask
 from vitnas.train.tasks.registry import RegistryTask
@@ -20,6 +21,7 @@ from vitnas.train.tasks.supernet import SupernetTask, sample_step_archs
 __all__ = [
     "ArchTask",
     "Batch",
+    "CreamTask",
     "KDTask",
     "MiniViTTask",
     "RegistryTask",

@@ -93,6 +93,9 @@ class TaskContext:
     amp_dtype: torch.dtype | None
     backward: Callable[[torch.Tensor], None]
     evaluate: Callable[..., dict[str, float]]  # evaluate(model, arch=None) -> {'top1', 'loss', 'n'} on val
+    # average tensors across ranks in place (gradients of a task's own optimizer, statistics every rank must
+    # agree on); a no-op in one process
+    all_reduce_mean: Callable[[list[torch.Tensor]], None] = lambda tensors: None
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return autocast(self.device, self.amp_dtype)

@@ -1,0 +1,128 @@
+"""Cream's prioritized board, meta-matching and look-ahead, on a tiny ViT supernet (the MBConv supernet is
+tested in test_cream_models.py and by the pipeline test below)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from vitnas import SearchSpace
+from vitnas.supernet.vit import ViTSupernet
+from vitnas.train.tasks.cream import Board, BoardEntry, CreamConfig, lookahead_meta_grads, match_teacher
+
+SPACE = SearchSpace(
+    embed_dim=(16, 24),
+    depth=(1, 2),
+    mlp_ratio=(1.0, 2.0),
+    num_heads=(1, 2),
+    head_dim=8,
+    img_size=8,
+    patch_size=4,
+    rel_pos_max=2,
+    name="micro",
+)
+
+
+def entry(name: str, top1: float, macs: int) -> BoardEntry:
+    return BoardEntry(name, top1, macs, torch.zeros(1), torch.zeros(1))
+
+
+def test_board_admits_by_the_reference_rule_and_orders_ties_by_larger_macs():
+    board = Board(3, acc_gap=5.0)
+    for e in (entry("a", 50.0, 100), entry("b", 60.0, 100), entry("c", 50.0, 200)):
+        assert board.offer(e)  # room on the board
+    # equal top-1: the larger path first (the reference sorts (top1, flops) tuples in reverse)
+    assert board.archs() == ["b", "c", "a"]
+    assert board.entries[-1].arch == "a"
+    assert not board.offer(entry("d", 54.0, 150))  # better than the worst, but not cheaper nor 5 points better
+    assert not board.offer(entry("e", 50.0, 10))  # cheaper but not better
+    assert board.offer(entry("f", 50.5, 90))  # better and cheaper than the worst ("a", 50.0 at 100)
+    assert board.archs() == ["b", "f", "c"]
+    assert not board.offer(entry("g", 55.0, 10_000))  # 4.5 points above the worst (50.0): gap not cleared
+    assert board.offer(entry("h", 55.01, 10_000))  # more than acc_gap above the worst
+    assert board.archs() == ["b", "h", "f"]
+    assert board.offer(entry("b", 70.0, 100)) and board.archs() == ["b", "h", "f"]  # a path keeps one slot
+    assert board.entries[0].top1 == 70.0 and len(board) == 3
+    assert [d["top1"] for d in Board(2).describe()] == []
+
+
+def test_cream_config_names_bad_values():
+    with pytest.raises(ValueError, match="cream: unknown key 'boardsize'"):
+        CreamConfig.from_dict({"boardsize": 3})
+    with pytest.raises(ValueError, match="pick='best'"):
+        CreamConfig.from_dict({"pick": "best"})
+    with pytest.raises(ValueError, match="max_mmacs=1.0 is below min_mmacs=2.0"):
+        CreamConfig.from_dict({"min_mmacs": 2.0, "max_mmacs": 1.0})
+
+
+def _setup(seed: int = 0):
+    torch.manual_seed(seed)
+    net = ViTSupernet(SPACE, num_classes=5)
+    rng = np.random.default_rng(seed)
+    board = Board(3)
+    for i in range(3):
+        arch = SPACE.sample(rng)
+        images = torch.randn(4, 3, 8, 8)
+        with torch.no_grad(), net.active(arch):
+            probs = torch.softmax(net(images), -1)
+        board.offer(BoardEntry(arch, 50.0 + i, net.num_macs(arch), images, probs))
+    meta = torch.nn.Linear(4 * 5, 1)
+    return net, board, meta, SPACE.sample(rng)
+
+
+def test_meta_gradient_flows_only_through_the_lookahead():
+    net, board, meta, student = _setup()
+    x_kd, x_val, y_val = torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8), torch.randint(0, 5, (4,))
+    kwargs = dict(pick="meta")
+    frozen = lookahead_meta_grads(net, meta, board, student, x_kd, x_val, y_val, lr=0.0, **kwargs)
+    assert all(g is None or torch.count_nonzero(g) == 0 for g in frozen)  # no step: no way to the meta layer
+    grads = lookahead_meta_grads(net, meta, board, student, x_kd, x_val, y_val, lr=0.5, **kwargs)
+    assert all(g is not None and torch.count_nonzero(g) > 0 for g in grads)
+    assert all(p.grad is None for p in net.parameters()) and all(p.grad is None for p in meta.parameters())
+
+
+def test_lookahead_gradient_matches_finite_differences_of_the_meta_bias():
+    """d L_val(w - lr * g(meta)) / d meta_bias, by autograd and by central differences."""
+    net, board, meta, student = _setup(1)
+    net.eval()  # no BatchNorm here; eval keeps dropout / drop-path off for the difference quotient
+    net.double()
+    meta.double()
+    for e in board.entries:
+        e.images, e.probs = e.images.double(), e.probs.double()
+    x_kd, x_val, y_val = torch.randn(4, 3, 8, 8).double(), torch.randn(4, 3, 8, 8).double(), torch.randint(0, 5, (4,))
+    lr = 0.3
+    grads = lookahead_meta_grads(net, meta, board, student, x_kd, x_val, y_val, pick="meta", lr=lr)
+
+    def val_loss_at(bias: float) -> float:
+        with torch.no_grad():
+            meta.bias.fill_(bias)
+        m, entry = match_teacher(net, meta, board, student, pick="meta")
+        with torch.no_grad(), net.active(entry.arch):
+            soft = torch.softmax(net(x_kd), -1)
+        params = [p for p in net.parameters()]
+        with net.active(student):
+            kd = m * torch.sum(-soft * torch.log_softmax(net(x_kd), -1), -1).mean()
+            g = torch.autograd.grad(kd, params, allow_unused=True)
+        with torch.no_grad():
+            saved = [p.clone() for p in params]
+            for p, gi in zip(params, g):
+                if gi is not None:
+                    p -= lr * gi
+            with net.active(student):
+                loss = float(torch.nn.functional.cross_entropy(net(x_val), y_val))
+            for p, s in zip(params, saved):
+                p.copy_(s)
+        return loss
+
+    b0, eps = float(meta.bias.detach()), 1e-5
+    numeric = (val_loss_at(b0 + eps) - val_loss_at(b0 - eps)) / (2 * eps)
+    torch.testing.assert_close(float(grads[1]), numeric, rtol=1e-4, atol=1e-9)
+
+
+def test_top1_pick_takes_the_best_entry_with_even_weight():
+    net, board, meta, student = _setup()
+    m, chosen = match_teacher(net, meta, board, student, pick="top1")
+    assert chosen is board.entries[0] and float(m) == 0.5
+    m, chosen = match_teacher(net, meta, board, student, pick="meta")
+    assert 0 < float(m.detach()) < 1 and m.requires_grad and chosen in board.entries
