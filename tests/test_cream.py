@@ -126,3 +126,41 @@ def test_top1_pick_takes_the_best_entry_with_even_weight():
     assert chosen is board.entries[0] and float(m) == 0.5
     m, chosen = match_teacher(net, meta, board, student, pick="meta")
     assert 0 < float(m.detach()) < 1 and m.requires_grad and chosen in board.entries
+
+
+def _cream_pipeline(tmp_path, space: str, strategy: str, **search):
+    from vitnas.pipeline import PipelineConfig, run_pipeline
+
+    train = dict(space=space, recipe="digits", val_per_class=10, epochs=2, batch_size=64, lr=1e-2, warmup_epochs=0.5)
+    train.update(drop_path=0.0, threads=1, task="cream", cream={"start_epoch": 1, "meta_every": 2, "board_size": 4})
+    cfg = {
+        "out_dir": str(tmp_path / "run"),
+        "train": train,
+        "search": {"strategy": strategy, "population": 4, "generations": 2, "parents": 2, **search},
+        "baseline": False,
+    }
+    path = tmp_path / "cream.yaml"
+    path.write_text(__import__("yaml").safe_dump(cfg))
+    return run_pipeline(PipelineConfig.from_yaml(path))
+
+
+def test_cream_pipeline_searches_the_board_and_seeds_evolution_with_it(tmp_path):
+    import json
+
+    from vitnas.train import read_checkpoint
+
+    _cream_pipeline(tmp_path, "digits", "board")
+    _, meta = read_checkpoint(tmp_path / "run" / "supernet" / "last.safetensors", only=())
+    board = meta["cream"]["board"]
+    assert len(board) == 4 and meta["cream"]["meta_updates"] > 0
+    assert [e["top1"] for e in board] == sorted((e["top1"] for e in board), reverse=True)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "search" / "board" / "candidates.jsonl").open()]
+    assert sorted(r["key"] for r in rows) == sorted(SPACE_OF_DIGITS.arch_from_dict(e["arch"]).key() for e in board)
+    # evolution from the board: its first generation opens with the board's paths
+    _cream_pipeline(tmp_path, "digits", "evolution", from_board=True)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "search" / "evolution" / "candidates.jsonl").open()]
+    first = [r["key"] for r in rows if r["generation"] == 0]
+    assert first == [SPACE_OF_DIGITS.arch_from_dict(e["arch"]).key() for e in board]
+
+
+SPACE_OF_DIGITS = SearchSpace.preset("digits")

@@ -148,7 +148,7 @@ def search_stage(run: Run) -> None:
         norm=run.norm,
         batch_size=scfg.batch_size,
         device=run.device,
-        bilateral=bool(tcfg.get("bilateral", False)) or space.bilateral,
+        bilateral=bool(tcfg.get("bilateral", False)) or getattr(space, "bilateral", False),
         amp_dtype=amp_dtype(scfg.amp, run.device),
     )
     halving, seed = None, tcfg.get("seed", 0)
@@ -165,7 +165,9 @@ def search_stage(run: Run) -> None:
     identity = {**scfg.to_dict(), "supernet": str(run.ckpt), "supernet_step": run.meta["step"]}
     names = [scfg.strategy] + (["random"] if run.cfg.baseline and scfg.strategy != "random" else [])
     for name in names:
-        strategy = build_strategy(name, space, feasible=feasible, cost=run.costs[scfg.cost], **scfg.strategy_kwargs())
+        initial = _board_archs(run) if name == scfg.strategy and (name == "board" or scfg.from_board) else ()
+        kwargs = {**scfg.strategy_kwargs(), "initial": initial}
+        strategy = build_strategy(name, space, feasible=feasible, cost=run.costs[scfg.cost], **kwargs)
         run.results[name] = run_search(
             strategy,
             evaluate_once,
@@ -186,6 +188,17 @@ def search_stage(run: Run) -> None:
     run.fronts = {c: pareto_front(main.candidates, c) for c in ("params", "macs")}
     if run.workers.is_main:
         _plots(run)
+
+
+def _board_archs(run: Run) -> list[Any]:
+    """The prioritized paths of a Cream-trained supernet, best first."""
+    board = run.meta.get("cream", {}).get("board")
+    if not board:
+        raise ValueError(
+            f"{run.ckpt}: holds no Cream board (search.strategy board / from_board need a supernet trained with "
+            f"task cream)"
+        )
+    return [run.supernet.space.arch_from_dict(e["arch"], source=f"{run.ckpt} board") for e in board]
 
 
 def _memoized(evaluate: Callable[[ArchConfig], dict[str, float]]) -> Callable[[ArchConfig], dict[str, float]]:

@@ -24,6 +24,7 @@ from vitnas._io import atomic_write_text
 from vitnas.search.constraints import Constraints
 from vitnas.search.strategies import Strategy
 from vitnas.space.arch import ArchConfig
+from vitnas.space.yaml_io import dump_yaml
 
 __all__ = [
     "Halving",
@@ -43,7 +44,7 @@ Evaluate = Callable[[ArchConfig], Mapping[str, float]]
 
 @dataclass
 class SearchConfig:
-    strategy: str = D.STRATEGY  # evolution | random | nsga2 | predictor-evolution
+    strategy: str = D.STRATEGY  # evolution | random | nsga2 | predictor-evolution | board (a Cream board's paths)
     population: int = D.POPULATION
     generations: int = D.GENERATIONS
     parents: int = D.PARENTS  # evolution: top candidates kept as parents
@@ -62,6 +63,7 @@ class SearchConfig:
     halving: float = 0.0  # successive halving: share of the validation images that screens every new candidate (0: off)
     halving_keep: float = D.HALVING_KEEP  # successive halving: share of each generation's candidates scored in full
     latency_batch: int = D.LATENCY_BATCH  # batch size at which latency is measured / predicted
+    from_board: bool = False  # start the first generation from the paths of a Cream-trained supernet's board
 
     def check(self, source: str) -> None:
         from vitnas.search.constraints import COSTS
@@ -419,7 +421,7 @@ def _write_results(
     atomic_write_text(out / "pareto.json", json.dumps(front, indent=1))
     atomic_write_text(out / "progress.json", json.dumps({"best_per_generation": best_per_gen}))
     if best is not None:
-        ArchConfig.from_dict(best["arch"]).to_yaml(out / "best.yaml")
+        dump_yaml(best["arch"], out / "best.yaml")  # the arch's own to_yaml form, whatever its space
 
 
 def _name(strategy: Strategy) -> str:

@@ -67,8 +67,10 @@ class _Base:
         generations: int = GENERATIONS,
         seed: int = SEED,
         max_tries: int = MAX_TRIES,
+        initial: Sequence[ArchConfig] = (),
     ) -> None:
         self.space = space
+        self.initial = list(initial)  # archs the first generation starts with (e.g. a Cream board's paths)
         self.feasible = feasible or (lambda arch: True)
         self.population = population
         self.generations = generations
@@ -91,6 +93,12 @@ class _Base:
         self.seen.add(key)
         batch.append(arch)
         return True
+
+    def _initial(self, batch: list[ArchConfig]) -> None:
+        """The given starting archs (feasible, unseen) open the first generation, up to its size."""
+        if self.generation == 0:
+            for arch in self.initial[: self.population]:
+                self._accept(arch, batch)
 
     def _random(self, n: int, batch: list[ArchConfig]) -> None:
         tries = 0
@@ -129,7 +137,7 @@ class _Base:
         self.seen = set(state["seen"])
         self.scores, self.archs = {}, {}
         for arch_dict, score in state["scores"]:
-            arch = ArchConfig.from_dict(arch_dict)
+            arch = self.space.arch_from_dict(arch_dict, source="search state")
             self.scores[arch.key()] = float(score)
             self.archs[arch.key()] = arch
 
@@ -140,7 +148,28 @@ class RandomSearch(_Base):
 
     def ask(self) -> list[ArchConfig]:
         batch: list[ArchConfig] = []
-        self._random(self.population, batch)
+        self._initial(batch)
+        self._random(self.population - len(batch), batch)
+        return batch
+
+
+class BoardSearch(_Base):
+    name = "board"
+    """Cream's search result: the prioritized paths its supernet training kept (`initial`), scored once on
+    the validation split, no further search. Infeasible board paths are skipped."""
+
+    def __init__(self, space: SearchSpace, *, initial: Sequence[ArchConfig] = (), **kwargs: Any) -> None:
+        if not initial:
+            raise ValueError("strategy 'board' needs the board of a Cream-trained supernet (train with task cream)")
+        kwargs["generations"] = 1
+        kwargs["population"] = max(len(initial), 1)
+        super().__init__(space, initial=initial, **kwargs)
+
+    def ask(self) -> list[ArchConfig]:
+        batch: list[ArchConfig] = []
+        self._initial(batch)
+        if not batch:
+            log.warning("no path on the board satisfies the constraints")
         return batch
 
 
@@ -164,9 +193,16 @@ class EvolutionSearch(_Base):
         generations: int = GENERATIONS,
         seed: int = SEED,
         max_tries: int = MAX_TRIES,
+        initial: Sequence[ArchConfig] = (),
     ) -> None:
         super().__init__(
-            space, feasible=feasible, population=population, generations=generations, seed=seed, max_tries=max_tries
+            space,
+            feasible=feasible,
+            population=population,
+            generations=generations,
+            seed=seed,
+            max_tries=max_tries,
+            initial=initial,
         )
         self.parents = parents
         self.mutations = mutations
@@ -175,6 +211,7 @@ class EvolutionSearch(_Base):
 
     def ask(self) -> list[ArchConfig]:
         batch: list[ArchConfig] = []
+        self._initial(batch)
         top = [a for a, _ in self.best(self.parents)]
         if top:
             tries = 0
@@ -224,9 +261,16 @@ class NSGA2Search(_Base):
         generations: int = GENERATIONS,
         seed: int = SEED,
         max_tries: int = MAX_TRIES,
+        initial: Sequence[ArchConfig] = (),
     ) -> None:
         super().__init__(
-            space, feasible=feasible, population=population, generations=generations, seed=seed, max_tries=max_tries
+            space,
+            feasible=feasible,
+            population=population,
+            generations=generations,
+            seed=seed,
+            max_tries=max_tries,
+            initial=initial,
         )
         from pymoo.algorithms.moo.nsga2 import NSGA2
         from pymoo.core.problem import Problem
@@ -368,13 +412,17 @@ class PredictorEvolutionSearch(EvolutionSearch):
         super().tell(archs, scores)
 
 
-STRATEGIES = {cls.name: cls for cls in (EvolutionSearch, RandomSearch, NSGA2Search, PredictorEvolutionSearch)}
+STRATEGIES = {
+    cls.name: cls for cls in (EvolutionSearch, RandomSearch, NSGA2Search, PredictorEvolutionSearch, BoardSearch)
+}
 
 
 def build_strategy(name: str, space: SearchSpace, **kwargs: Any) -> Strategy:
     if name not in STRATEGIES:
         raise ValueError(f"unknown search strategy {name!r}; choose one of {sorted(STRATEGIES)}")
     cls = STRATEGIES[name]
+    if name == "nsga2" and kwargs.pop("initial", None):
+        raise ValueError("strategy nsga2 does not take starting archs (from_board); use evolution or board")
     if name != "nsga2":
         kwargs.pop("cost", None)
     if name != "predictor-evolution":
