@@ -164,3 +164,24 @@ def test_cream_pipeline_searches_the_board_and_seeds_evolution_with_it(tmp_path)
 
 
 SPACE_OF_DIGITS = SearchSpace.preset("digits")
+
+
+def test_recalibrated_batchnorm_uses_the_paths_own_statistics_and_restores_the_shared_ones():
+    from vitnas.evaluation import recalibrated_batchnorm
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4), torch.nn.Dropout(0.5)).train()
+    net[1].running_mean.fill_(3.0)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    batches = [torch.randn(8, 3, 5, 5) + 2, torch.randn(8, 3, 5, 5) + 2]
+    with torch.no_grad():
+        feats = [net[0](x) for x in batches]
+    with recalibrated_batchnorm(net, batches):  # the cumulative average over batches of their statistics
+        assert not net.training
+        torch.testing.assert_close(net[1].running_mean, sum(f.mean((0, 2, 3)) for f in feats) / 2)
+        torch.testing.assert_close(net[1].running_var, sum(f.var((0, 2, 3)) for f in feats) / 2)
+    assert net.training and net[1].momentum == 0.1
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    with recalibrated_batchnorm(net, None):  # nothing to calibrate on: untouched
+        assert net.training

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterable, Iterator
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -14,7 +15,7 @@ from vitnas.data.datasets import Split
 from vitnas.precision import autocast
 from vitnas.space.arch import ArchConfig
 
-__all__ = ["correct_per_image", "evaluate", "score_batches"]
+__all__ = ["calibration_batches", "correct_per_image", "evaluate", "recalibrated_batchnorm", "score_batches"]
 
 
 @torch.inference_mode()
@@ -58,6 +59,48 @@ def _normalized(
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     for images, labels in split.sequential(batch_size, rank, world):
         yield eval_transform(images.to(device), img_size, norm), labels.to(device)
+
+
+def calibration_batches(
+    split: Split, images: int, *, img_size: int, norm: AugmentConfig, batch_size: int = 64, device="cpu", seed: int = 0
+) -> list[torch.Tensor]:
+    """`images` seeded training images, normalized as for evaluation, in batches: what BatchNorm statistics of
+    one path of a weight-sharing supernet are re-estimated on (`recalibrated_batchnorm`)."""
+    n = min(images, len(split))
+    idx = np.sort(np.random.default_rng([seed, 4099]).choice(len(split), size=n, replace=False))
+    return [x for x, _ in _normalized(split.subset(idx), img_size, norm, batch_size, device)]
+
+
+@contextlib.contextmanager
+def recalibrated_batchnorm(model: nn.Module, batches: list[torch.Tensor] | None) -> Iterator[None]:
+    """For the body, the model's BatchNorm statistics re-estimated (cumulative average) on `batches` for the
+    path it runs now, the rest of the model in eval mode; every statistic restored after. A supernet's BN
+    statistics mix all the paths trained, so a path is scored on its own (as SPOS does). A no-op without
+    BatchNorm layers or batches."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not bns or not batches:
+        yield
+        return
+    saved = [(m.momentum, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in bns]
+    was_training = model.training
+    try:
+        model.eval()
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None
+            m.train()
+        with torch.no_grad():
+            for x in batches:
+                model(x)
+        model.eval()
+        yield
+    finally:
+        for m, (momentum, mean, var, count) in zip(bns, saved, strict=True):
+            m.momentum = momentum
+            m.running_mean.copy_(mean)
+            m.running_var.copy_(var)
+            m.num_batches_tracked.copy_(count)
+        model.train(was_training)
 
 
 @torch.inference_mode()

@@ -15,7 +15,7 @@ import torch
 
 from vitnas._io import atomic_write_text
 from vitnas.costs.latency import measure_latency
-from vitnas.evaluation import evaluate
+from vitnas.evaluation import evaluate, recalibrated_batchnorm
 from vitnas.export import export_subnet
 from vitnas.models.spec import load_model
 from vitnas.pipeline.config import PipelineConfig
@@ -32,7 +32,6 @@ from vitnas.pipeline.stages import (
 )
 from vitnas.report import top1_standard_error
 from vitnas.search import Constraints, SearchConfig, torch_workers
-from vitnas.space.arch import ArchConfig
 from vitnas.train.dist import init_distributed
 from vitnas.train.runtime import runtime_settings
 
@@ -95,8 +94,10 @@ def _export_stage(run: Run) -> dict[str, Any]:
     """Export the winner (inherited weights, or fine-tuned ones), measured on the test split."""
     scfg, data = run.search, run.data
     main = run.results[scfg.strategy]
-    best_arch = ArchConfig.from_dict(main.best["arch"])
-    model, norm, img_size = run.supernet.extract(best_arch), run.norm, run.meta["img_size"]
+    best_arch = run.supernet.space.arch_from_dict(main.best["arch"], source="search result")
+    with run.supernet.active(best_arch), recalibrated_batchnorm(run.supernet, run.calibration):
+        model = run.supernet.extract(best_arch)  # with the BatchNorm statistics it was scored with
+    norm, img_size = run.norm, run.meta["img_size"]
     record: dict[str, Any] = {
         "arch": best_arch.to_dict(),
         "search": {k: main.best[k] for k in ("top1", "loss")},

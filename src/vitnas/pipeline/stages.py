@@ -17,7 +17,7 @@ from torch import nn
 from vitnas.checkpoint import read_metadata
 from vitnas.costs.latency import LatencyTable
 from vitnas.data import AugmentConfig, ImageData, load_data_of
-from vitnas.evaluation import correct_per_image, evaluate
+from vitnas.evaluation import calibration_batches, correct_per_image, evaluate, recalibrated_batchnorm
 from vitnas.models.spec import load_model
 from vitnas.pipeline.config import PipelineConfig
 from vitnas.precision import amp_dtype
@@ -67,6 +67,7 @@ class Run:
     costs: dict[str, Callable[[ArchConfig], float]] = field(default_factory=dict)
     lut: LatencyTable | None = None
     ranges: dict[str, Any] = field(default_factory=dict)
+    calibration: list[torch.Tensor] | None = None  # training batches re-estimating BatchNorm statistics per path
     results: dict[str, Any] = field(default_factory=dict)
     fronts: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # the main search's, by cost
     plots: list[Path] = field(default_factory=list)
@@ -141,6 +142,10 @@ def search_stage(run: Run) -> None:
     t = time.perf_counter()
     _costs(run)
     scfg, space, tcfg = run.search, run.supernet.space, run.meta["config"]
+    if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in run.supernet.modules()):
+        run.calibration = calibration_batches(
+            run.data.train, scfg.bn_calibration, img_size=run.meta["img_size"], norm=run.norm, device=run.device
+        )
     evaluator = SupernetEvaluator(
         run.supernet,
         run.data.val,
@@ -150,6 +155,7 @@ def search_stage(run: Run) -> None:
         device=run.device,
         bilateral=bool(tcfg.get("bilateral", False)) or getattr(space, "bilateral", False),
         amp_dtype=amp_dtype(scfg.amp, run.device),
+        calibration=run.calibration,
     )
     halving, seed = None, tcfg.get("seed", 0)
     if scfg.halving:
@@ -276,7 +282,7 @@ def paired_comparison(run: Run) -> dict[str, Any] | None:
     main, rnd = run.results.get(run.search.strategy), run.results.get("random")
     if main is None or rnd is None or main is rnd or not main.best or not rnd.best:
         return None
-    if run.meta["config"].get("bilateral") or run.supernet.space.bilateral:
+    if run.meta["config"].get("bilateral") or getattr(run.supernet.space, "bilateral", False):
         return None
     if main.best["key"] == rnd.best["key"]:
         return None
@@ -284,10 +290,11 @@ def paired_comparison(run: Run) -> dict[str, Any] | None:
 
     amp = amp_dtype(run.search.amp, run.device)
     kw = dict(img_size=run.meta["img_size"], norm=run.norm, device=run.device, amp_dtype=amp)
-    ok = [
-        correct_per_image(run.supernet, run.data.val, arch=ArchConfig.from_dict(r.best["arch"]), **kw)
-        for r in (main, rnd)
-    ]
+    ok = []
+    for r in (main, rnd):
+        arch = run.supernet.space.arch_from_dict(r.best["arch"], source="search result")
+        with run.supernet.active(arch), recalibrated_batchnorm(run.supernet, run.calibration):
+            ok.append(correct_per_image(run.supernet, run.data.val, **kw))
     b, c = int((ok[0] & ~ok[1]).sum()), int((~ok[0] & ok[1]).sum())
     p = binomtest(min(b, c), b + c, 0.5).pvalue if b + c else 1.0
     return {"main_only": b, "random_only": c, "p_value": float(p)}
@@ -311,8 +318,7 @@ def supernet_test_top1(run: Run) -> dict[str, float]:
     space = run.supernet.space
     out = {}
     for name, arch in (("largest", space.largest()), ("smallest", space.smallest())):
-        r = evaluate(
-            run.supernet, run.data.test, img_size=run.meta["img_size"], norm=run.norm, arch=arch, device=run.device
-        )
+        with run.supernet.active(arch), recalibrated_batchnorm(run.supernet, run.calibration):
+            r = evaluate(run.supernet, run.data.test, img_size=run.meta["img_size"], norm=run.norm, device=run.device)
         out[name] = r["top1"]
     return out

@@ -9,7 +9,7 @@ import torch
 
 from vitnas.data.augment import AugmentConfig, eval_transform
 from vitnas.data.datasets import Split
-from vitnas.evaluation import score_batches
+from vitnas.evaluation import recalibrated_batchnorm, score_batches
 from vitnas.search.defaults import eval_batch
 from vitnas.search.run import merge_scores
 from vitnas.space.arch import ArchConfig
@@ -22,7 +22,9 @@ class SupernetEvaluator:
     once and kept on the device. With `world` > 1 the split is sharded across ranks and `reduce` (an
     all-reduce sum) combines the counts. With `bilateral` (BCNet / ViTAS) a subnet's score is the mean of
     its left- and right-sliced evaluations. `amp_dtype` scores under autocast (None: fp32). `batch_size`
-    defaults to the device's (`vitnas.search.defaults.eval_batch`)."""
+    defaults to the device's (`vitnas.search.defaults.eval_batch`). `calibration`: normalized training batches
+    on which a supernet with BatchNorm re-estimates each path's statistics before scoring it
+    (`vitnas.evaluation.calibration_batches`; None: scored with the shared statistics)."""
 
     def __init__(
         self,
@@ -38,8 +40,10 @@ class SupernetEvaluator:
         reduce=None,
         bilateral: bool = False,
         amp_dtype: torch.dtype | None = None,
+        calibration: list[torch.Tensor] | None = None,
     ) -> None:
         self.bilateral = bilateral
+        self.calibration = calibration
         self.net = supernet.to(device).eval()
         self.split = split
         self.device = torch.device(device)
@@ -72,7 +76,7 @@ class SupernetEvaluator:
                 (eval_transform(x.to(self.device), self.img_size, self.norm), y.to(self.device))
                 for x, y in self.split.sequential(self.batch_size, self.rank, self.world)
             )
-        with self.net.active(arch, side):
+        with self.net.active(arch, side), recalibrated_batchnorm(self.net, self.calibration):
             r = score_batches(self.net, batches, self.reduce, self.amp_dtype)
         return {"top1": r["top1"], "loss": r["loss"]}
 
@@ -97,6 +101,7 @@ class SupernetEvaluator:
             reduce=self.reduce,
             bilateral=self.bilateral,
             amp_dtype=self.amp_dtype,
+            calibration=self.calibration,
         )
         return (
             SupernetEvaluator(self.net, self.split.subset(head), **kw),

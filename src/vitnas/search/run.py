@@ -63,6 +63,7 @@ class SearchConfig:
     halving: float = 0.0  # successive halving: share of the validation images that screens every new candidate (0: off)
     halving_keep: float = D.HALVING_KEEP  # successive halving: share of each generation's candidates scored in full
     latency_batch: int = D.LATENCY_BATCH  # batch size at which latency is measured / predicted
+    bn_calibration: int = 256  # training images re-estimating a path's BatchNorm statistics before scoring (0: off)
     from_board: bool = False  # start the first generation from the paths of a Cream-trained supernet's board
 
     def check(self, source: str) -> None:
@@ -80,7 +81,7 @@ class SearchConfig:
             raise ValueError(f"{source}: predictor={self.predictor!r}; expected one of {list(PREDICTORS)}")
         for name in ("population", "generations", "parents", "batch_size", "latency_batch", "predictor_pool"):
             check_range(source, name, getattr(self, name), 1)  # batch_size None: the device's default
-        for name in ("mutations", "crossovers", "seed"):
+        for name in ("mutations", "crossovers", "seed", "bn_calibration"):
             check_range(source, name, getattr(self, name), 0)
         for name in ("layer_prob", "depth_prob", "embed_prob"):
             check_range(source, name, getattr(self, name), 0.0, 1.0)
