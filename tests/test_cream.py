@@ -52,8 +52,25 @@ def test_cream_config_names_bad_values():
         CreamConfig.from_dict({"boardsize": 3})
     with pytest.raises(ValueError, match="pick='best'"):
         CreamConfig.from_dict({"pick": "best"})
+    from vitnas.train import TrainConfig
+
     with pytest.raises(ValueError, match="max_mmacs=1.0 is below min_mmacs=2.0"):
-        CreamConfig.from_dict({"min_mmacs": 2.0, "max_mmacs": 1.0})
+        TrainConfig(min_mmacs=2.0, max_mmacs=1.0)
+
+
+def test_paths_are_drawn_inside_the_macs_window():
+    from vitnas.train import TrainConfig
+    from vitnas.train.tasks import sample_step_archs
+
+    net = ViTSupernet(SPACE, num_classes=5)
+    macs = sorted(net.num_macs(SPACE.sample(np.random.default_rng(i))) for i in range(50))
+    lo, hi = macs[15] / 1e6, macs[35] / 1e6
+    cfg = TrainConfig(space="cifar", min_mmacs=lo, max_mmacs=hi)
+    for step in range(30):
+        (arch,) = sample_step_archs(SPACE, cfg, step, net.num_macs)
+        assert lo * 1e6 <= net.num_macs(arch) <= hi * 1e6
+    with pytest.raises(ValueError, match="no subnet of space 'micro' in the MACs window"):
+        sample_step_archs(SPACE, TrainConfig(space="cifar", min_mmacs=1e6), 0, net.num_macs)
 
 
 def _setup(seed: int = 0):
@@ -185,3 +202,19 @@ def test_recalibrated_batchnorm_uses_the_paths_own_statistics_and_restores_the_s
         assert torch.equal(v, before[k]), k
     with recalibrated_batchnorm(net, None):  # nothing to calibrate on: untouched
         assert net.training
+
+
+def test_cream_on_the_mbconv_supernet_end_to_end(tmp_path):
+    """Cream training, board search, export (BN statistics of the winner) and its test score on the MBConv
+    space: the pipeline never asks which supernet it holds."""
+    import json
+
+    summary = _cream_pipeline(tmp_path, "cream-cifar", "board")
+    folder = tmp_path / "run" / "export"
+    assert (folder / "model.safetensors").is_file()
+    from vitnas.export import load_subnet
+
+    model = load_subnet(folder)
+    assert type(model).__name__ == "CreamNet"
+    rows = [json.loads(x) for x in (tmp_path / "run" / "search" / "board" / "candidates.jsonl").open()]
+    assert len(rows) == 4 and summary["best"]["arch"] in [r["key"] for r in rows]

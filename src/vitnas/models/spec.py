@@ -5,6 +5,8 @@ A spec is plain JSON: `{"kind": ...}` plus what that kind's constructor needs, w
     {"kind": "vit", "config": {...}}                       a VisionTransformer (an exported subnet)
     {"kind": "supernet", "space": {...}, "kwargs": {...}}  a ViTSupernet on a SearchSpace
     {"kind": "registry", "name": ..., "kwargs": {...}}     anything `create_model(name, **kwargs)` made
+    {"kind": "mbconv_supernet", "space": {...}, "kwargs": {...}}  an MBConvSupernet (Cream) on an MBConvSpace
+    {"kind": "cream", "config": {...}}                     a CreamNet (an extracted MBConv subnet)
 
 Checkpoints store it under metadata key "model", exported folders under "spec" in config.json; both
 read the same way (`build`), and folders exported before the spec existed are read by `export_spec`.
@@ -22,9 +24,12 @@ import torch
 from torch import nn
 
 from vitnas.checkpoint import read_checkpoint
+from vitnas.models.cream import CreamNet
 from vitnas.models.registry import create_model
 from vitnas.models.vit import VisionTransformer
+from vitnas.space.mbconv import MBConvSpace
 from vitnas.space.space import SearchSpace
+from vitnas.supernet.mbconv import MBConvSupernet
 from vitnas.supernet.vit import ViTSupernet
 
 __all__ = ["KINDS", "Kind", "build", "export_spec", "load_model", "spec_of"]
@@ -47,6 +52,12 @@ KINDS: dict[str, Kind] = {
         lambda s: ViTSupernet(SearchSpace(**s["space"]), **s["kwargs"]),
     ),
     "vit": Kind(VisionTransformer, lambda m: {"config": m.config}, lambda s: VisionTransformer(**s["config"])),
+    "mbconv_supernet": Kind(
+        MBConvSupernet,
+        lambda m: {"space": m.space.to_dict(), "kwargs": m.init_kwargs},
+        lambda s: MBConvSupernet(MBConvSpace(**s["space"]), **s["kwargs"]),
+    ),
+    "cream": Kind(CreamNet, lambda m: {"config": m.config}, lambda s: CreamNet(**s["config"])),
 }
 
 

@@ -15,6 +15,7 @@ import torch
 
 from vitnas._io import atomic_write_text
 from vitnas.costs.latency import measure_latency
+from vitnas.costs.macs import model_input_size
 from vitnas.evaluation import evaluate, recalibrated_batchnorm
 from vitnas.export import export_subnet
 from vitnas.models.spec import load_model
@@ -123,7 +124,7 @@ def _export_stage(run: Run) -> dict[str, Any]:
     model = model.eval().to(run.device)
     test = evaluate(model, data.test, img_size=img_size, norm=norm, device=run.device)  # reported, never ranked on
     record["test_top1"] = test["top1"]
-    h, w = model.config["img_size"]
+    _, h, w = model_input_size(model)
     batches = {1, scfg.latency_batch}
     latency = {b: measure_latency(model, torch.randn(b, 3, h, w, device=run.device)) for b in batches}
     export_dir = export_subnet(model.cpu(), run.out / "export", extra=record, onnx=run.cfg.onnx)

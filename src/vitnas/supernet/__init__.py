@@ -1,5 +1,23 @@
-"""Weight-sharing supernets."""
+"""Weight-sharing supernets; all follow one protocol (`set_active`, `active()`, `extract`, `num_params`,
+`num_macs`, `space`), so training, search, costs and export never ask which kind they hold."""
 
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from vitnas.space.mbconv import MBConvSpace
+from vitnas.space.space import SearchSpace
+from vitnas.supernet.mbconv import MBConvSupernet
 from vitnas.supernet.vit import ViTSupernet
 
-__all__ = ["ViTSupernet"]
+__all__ = ["MBConvSupernet", "ViTSupernet", "build_supernet"]
+
+
+def build_supernet(
+    space: SearchSpace | MBConvSpace, *, img_size: int, num_classes: int, drop_path_rate: float = 0.0, **kwargs: Any
+) -> nn.Module:
+    """The supernet of `space`'s kind: a `ViTSupernet` (AutoFormer / ViTAS) or an `MBConvSupernet` (Cream)."""
+    cls = MBConvSupernet if isinstance(space, MBConvSpace) else ViTSupernet
+    return cls(space, img_size=img_size, num_classes=num_classes, drop_path_rate=drop_path_rate, **kwargs)

@@ -33,6 +33,8 @@ class TrainConfig:
     sampling: str = "uniform"  # supernet task: uniform (AutoFormer, one random subnet per step) | sandwich
     sandwich_random: int = 2  # sandwich rule: random subnets per step besides the largest and smallest
     inplace_distill: bool = True  # sandwich rule: smaller subnets learn the largest one's predictions
+    min_mmacs: float = 0.0  # supernet tasks: sample only paths of at least this many million MACs
+    max_mmacs: float | None = None  # supernet tasks: ... and at most this many (null: no bound)
     cream: dict[str, Any] = field(default_factory=dict)  # task cream: CreamConfig fields (board_size, pick, ...)
     bilateral: bool = False  # supernet: alternate left / right width slicing step by step (BCNet, ViTAS)
     teacher: str | None = (
@@ -99,6 +101,10 @@ class TrainConfig:
         check_range(source, "distill_relation_heads", self.distill_relation_heads, 1)
         check_range(source, "val_per_class", self.val_per_class, 1)
         check_range(source, "sandwich_random", self.sandwich_random, 0)
+        check_range(source, "min_mmacs", self.min_mmacs, 0.0)
+        check_range(source, "max_mmacs", self.max_mmacs, 0.0, strict_lo=True)
+        if self.max_mmacs is not None and self.max_mmacs < self.min_mmacs:
+            raise ValueError(f"{source}: max_mmacs={self.max_mmacs} is below min_mmacs={self.min_mmacs}")
         check_range(source, "seed", self.seed, 0)
         check_range(source, "workers", self.workers, 0)
         check_range(source, "clip_grad", self.clip_grad, 0.0, strict_lo=True)

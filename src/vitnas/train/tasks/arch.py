@@ -11,10 +11,9 @@ from torch import nn
 from vitnas.checkpoint import read_metadata
 from vitnas.models.spec import load_model
 from vitnas.models.vit import VisionTransformer
-from vitnas.space.arch import ArchConfig
-from vitnas.space.space import SearchSpace
+from vitnas.space import SearchSpace, arch_from_yaml, load_space, space_from_dict
+from vitnas.supernet import build_supernet
 from vitnas.train.tasks.base import Task, TaskContext, register_task
-from vitnas.train.tasks.supernet import load_space
 
 __all__ = ["ArchTask"]
 
@@ -30,13 +29,12 @@ class ArchTask(Task):
 
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg)
-        self.arch = ArchConfig.from_yaml(cfg.arch)
         self.parent = read_metadata(cfg.init_from) if cfg.init_from else None
         if self.parent is None:
             self.space = load_space(cfg.space)
-            self.space.check_arch(self.arch, source=cfg.arch)
+            self.arch = arch_from_yaml(self.space, cfg.arch)
             return
-        if self.parent["model"]["kind"] != "supernet":
+        if not self.parent["model"]["kind"].endswith("supernet"):
             raise ValueError(
                 f"{cfg.init_from}: init_from must be a supernet checkpoint, this one holds a "
                 f"{self.parent['model']['kind']} model"
@@ -48,8 +46,8 @@ class ArchTask(Task):
                     f"run has {key}={getattr(cfg, key)!r}; they must match, or the training split would "
                     f"contain the validation images the search ranked on"
                 )
-        self.space = SearchSpace(**self.parent["model"]["space"])
-        self.space.check_arch(self.arch, source=cfg.arch)
+        self.space = space_from_dict(self.parent["model"]["space"], source=str(cfg.init_from))
+        self.arch = arch_from_yaml(self.space, cfg.arch)
 
     def img_size(self) -> int:
         if self.parent is not None:
@@ -80,6 +78,11 @@ class ArchTask(Task):
             log.info("inheriting %s from %s", arch.key(), cfg.init_from)
             return supernet.extract(arch).train()
         space = self.space
+        if not isinstance(space, SearchSpace):  # other kinds: the subnet of a freshly initialised supernet
+            supernet = build_supernet(
+                space, img_size=self.img_size(), num_classes=num_classes, drop_path_rate=cfg.drop_path
+            )
+            return supernet.extract(arch).train()
         return VisionTransformer.from_arch(
             arch,
             img_size=self.img_size(),
@@ -91,4 +94,4 @@ class ArchTask(Task):
         )
 
     def checkpoint_meta(self) -> dict[str, Any]:
-        return {"arch": self.model.arch.to_dict()}
+        return {"arch": self.arch.to_dict()}

@@ -15,8 +15,8 @@ Where this differs from the reference (microsoft/Cream `Cream/lib`), on purpose:
   updated by it alone: the step's own loss sees m detached.
 - A board entry keeps its own path's soft labels (the reference stores the teacher's once the board fills)
   and a path already on the board replaces its old entry instead of taking a second slot.
-- Paths may be restricted to a MACs window (`min_mmacs` / `max_mmacs`), by rejection sampling; the
-  reference samples freely and uses FLOPs only to rank the board.
+- Paths may be restricted to a MACs window (`min_mmacs` / `max_mmacs`, as for uniform supernet training),
+  by rejection sampling; the reference samples freely and uses FLOPs only to rank the board.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -34,7 +33,7 @@ from torch.func import functional_call
 
 from vitnas._config import check_fields, check_range
 from vitnas.train.tasks.base import Batch, StepResult, TaskContext, register_task, soft_cross_entropy
-from vitnas.train.tasks.supernet import SupernetTask
+from vitnas.train.tasks.supernet import SupernetTask, sample_step_archs
 
 __all__ = ["Board", "BoardEntry", "CreamConfig", "CreamTask", "lookahead_meta_grads", "match_teacher"]
 
@@ -53,8 +52,6 @@ class CreamConfig:
     meta_lr: float = 1e-4  # SGD lr of the meta network (reference META_LR)
     lookahead_lr: float = 0.01  # lr of the simulated student step in the look-ahead
     acc_gap: float = 5.0  # a full board takes a path this many top-1 points above its worst (reference 5)
-    min_mmacs: float = 0.0  # MACs window of sampled paths, in millions (0 / null: no bound)
-    max_mmacs: float | None = None
 
     def __post_init__(self) -> None:
         source = "cream"
@@ -62,11 +59,8 @@ class CreamConfig:
         for name in ("board_size", "slice", "meta_every"):
             check_range(source, name, getattr(self, name), 1)
         check_range(source, "start_epoch", self.start_epoch, 0)
-        for name in ("meta_lr", "lookahead_lr", "acc_gap", "min_mmacs"):
+        for name in ("meta_lr", "lookahead_lr", "acc_gap"):
             check_range(source, name, getattr(self, name), 0.0)
-        check_range(source, "max_mmacs", self.max_mmacs, 0.0, strict_lo=True)
-        if self.max_mmacs is not None and self.max_mmacs < self.min_mmacs:
-            raise ValueError(f"cream: max_mmacs={self.max_mmacs} is below min_mmacs={self.min_mmacs}")
         if self.pick not in PICKS:
             raise ValueError(f"cream: pick={self.pick!r}; expected one of {PICKS}")
 
@@ -200,22 +194,9 @@ class CreamTask(SupernetTask):
         self.meta_opt = torch.optim.SGD(self.meta.parameters(), lr=self.cream.meta_lr, momentum=0.9, nesterov=True)
         return {"meta": self.meta_opt}
 
-    def sample_path(self, step: int) -> Any:
-        """The step's path, a pure function of (seed, step): uniform over the space within the MACs window."""
-        rng = np.random.default_rng([self.cfg.seed, step, 17])
-        lo, hi = self.cream.min_mmacs * 1e6, (self.cream.max_mmacs or float("inf")) * 1e6
-        for _ in range(1000):
-            arch = self.space.sample(rng)
-            if lo <= self.model.num_macs(arch) <= hi:
-                return arch
-        raise ValueError(
-            f"cream: no path of space {self.space.name!r} in the MACs window [{self.cream.min_mmacs}, "
-            f"{self.cream.max_mmacs}] M after 1000 samples"
-        )
-
     def loss(self, batch: Batch) -> StepResult:
         cfg, ctx, model, board = self.cream, self.ctx, self.model, self.board
-        arch = self.sample_path(batch.step)
+        (arch,) = sample_step_archs(self.space, self.cfg, batch.step, model.num_macs)
         distil = batch.epoch >= cfg.start_epoch and len(board) > 0
         metrics: dict[str, float] = {"board": float(len(board))}
         if distil and batch.step % cfg.meta_every == 0 and cfg.pick == "meta":
