@@ -218,3 +218,21 @@ def test_cream_on_the_mbconv_supernet_end_to_end(tmp_path):
     assert type(model).__name__ == "CreamNet"
     rows = [json.loads(x) for x in (tmp_path / "run" / "search" / "board" / "candidates.jsonl").open()]
     assert len(rows) == 4 and summary["best"]["arch"] in [r["key"] for r in rows]
+
+
+def test_cli_space_and_costs_take_the_mbconv_space(tmp_path, capsys):
+    from vitnas.cli import main as cli_main
+    from vitnas.space import MBConvSpace
+    from vitnas.supernet import build_supernet
+
+    space = MBConvSpace.preset("cream-cifar")
+    arch = space.sample(np.random.default_rng(3))
+    arch.to_yaml(tmp_path / "a.yaml")
+    assert cli_main(["costs", str(tmp_path / "a.yaml"), "--space", "cream-cifar", "--num-classes", "10"]) == 0
+    params = build_supernet(space, img_size=32, num_classes=10).num_params(arch)
+    assert f"{arch.key()}: {params:,} parameters" in capsys.readouterr().out
+    assert cli_main(["space", "--space", "cream-cifar", "--samples", "1", "--num-classes", "10"]) == 0
+    assert "extracted model agrees to 0.0e+00" in capsys.readouterr().out
+    (tmp_path / "bad.yaml").write_text("stages: [[9], [0], [0], [0], [0]]\n")
+    assert cli_main(["costs", str(tmp_path / "bad.yaml"), "--space", "cream-cifar"]) != 0
+    assert "bad.yaml" in capsys.readouterr().err

@@ -12,53 +12,58 @@ from pathlib import Path
 import numpy as np
 
 from vitnas.report import summary_text, table
-from vitnas.space import ArchConfig, SearchSpace
+from vitnas.space import ArchConfig, MBConvArch, MBConvSpace, SearchSpace, arch_from_yaml, load_space
 
 log = logging.getLogger("vitnas")
 
 
-def _space_from_args(args: argparse.Namespace) -> SearchSpace:
-    return SearchSpace.from_yaml(args.space_yaml) if args.space_yaml else SearchSpace.preset(args.space)
+def _space_from_args(args: argparse.Namespace) -> SearchSpace | MBConvSpace:
+    return load_space(args.space_yaml or args.space)
+
+
+def _arch_columns(arch) -> tuple[list[str], list[str]]:
+    """Table headers and cells that describe one arch of either space kind."""
+    if isinstance(arch, ArchConfig):
+        cells = [
+            str(arch.embed_dim),
+            str(arch.depth),
+            f"{np.mean(arch.mlp_ratios):.2f}",
+            f"{np.mean(arch.num_heads):.2f}",
+        ]
+        return ["embed_dim", "depth", "mean mlp", "mean heads"], cells
+    return ["depths", "ops"], ["/".join(map(str, arch.depths)), arch.key()]
 
 
 def cmd_space(args: argparse.Namespace) -> int:
     """Build a space's supernet, sample subnets, print their costs, run one forward and extract."""
     import torch
 
-    from vitnas.supernet import ViTSupernet
+    from vitnas.supernet import build_supernet
 
     torch.manual_seed(args.seed)
     space = _space_from_args(args)
-    print(
-        f"search space {space.name!r}: {space.size():.3e} archs; embed {list(space.embed_dim)}, "
-        f"depth {list(space.depth)}, mlp_ratio {list(space.mlp_ratio)}, num_heads {list(space.num_heads)}"
-    )
+    if isinstance(space, SearchSpace):
+        dims = (
+            f"embed {list(space.embed_dim)}, depth {list(space.depth)}, mlp_ratio {list(space.mlp_ratio)}, "
+            f"num_heads {list(space.num_heads)}"
+        )
+    else:
+        dims = f"ops (kernel, expansion) {[list(o) for o in space.ops]}, depths {[list(d) for d in space.depths]}"
+    print(f"search space {space.name!r}: {space.size():.3e} archs; {dims}")
     t0 = time.perf_counter()
-    net = ViTSupernet(space, num_classes=args.num_classes).eval()
+    net = build_supernet(space, img_size=space.img_size, num_classes=args.num_classes).eval()
     n_super = sum(p.numel() for p in net.parameters())
-    print(
-        f"supernet: {n_super / 1e6:.2f}M parameters at {net.img_size[0]}px, patch {net.patch_size} "
-        f"(built in {time.perf_counter() - t0:.1f}s)"
-    )
+    print(f"supernet: {n_super / 1e6:.2f}M parameters at {space.img_size}px (built in {time.perf_counter() - t0:.1f}s)")
     rng = np.random.default_rng(args.seed)
     archs = [("smallest", space.smallest()), ("largest", space.largest())]
     archs += [(f"sample {i + 1}", space.sample(rng)) for i in range(args.samples)]
     rows = []
     for label, arch in archs:
-        rows.append(
-            [
-                label,
-                str(arch.embed_dim),
-                str(arch.depth),
-                f"{np.mean(arch.mlp_ratios):.2f}",
-                f"{np.mean(arch.num_heads):.2f}",
-                f"{net.num_params(arch) / 1e6:.2f}M",
-                f"{net.num_macs(arch) / 1e9:.3f}G",
-            ]
-        )
-    print(table(rows, ["subnet", "embed_dim", "depth", "mean mlp", "mean heads", "params", "MACs"]))
+        head, cells = _arch_columns(arch)
+        rows.append([label, *cells, f"{net.num_params(arch) / 1e6:.2f}M", f"{net.num_macs(arch) / 1e9:.3f}G"])
+    print(table(rows, ["subnet", *head, "params", "MACs"]))
     arch = archs[-1][1]
-    x = torch.randn(2, 3, *net.img_size)
+    x = torch.randn(2, 3, space.img_size, space.img_size)
     with torch.inference_mode(), net.active(arch):
         t0 = time.perf_counter()
         y_super = net(x)
@@ -135,9 +140,9 @@ def cmd_search(args: argparse.Namespace) -> int:
     return _run_pipeline(cfg, args.fresh)
 
 
-def _arch_in_space(path: str, space: SearchSpace) -> ArchConfig:
+def _arch_in_space(path: str, space: SearchSpace | MBConvSpace) -> ArchConfig | MBConvArch:
     """The arch YAML at `path`, which must lie in `space` (the error names dimension, value, choices)."""
-    return space.check_arch(ArchConfig.from_yaml(path), source=path)
+    return arch_from_yaml(space, path)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -221,16 +226,16 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_costs(args: argparse.Namespace) -> int:
-    """Parameters and MACs of an arch YAML (ours or AutoFormer's RETRAIN section)."""
-    from vitnas.costs import ViTCostModel
-    from vitnas.models.config import ViTConfig
+    """Parameters and MACs of an arch YAML (ours or AutoFormer's RETRAIN section), counted analytically."""
+    import torch
+
+    from vitnas.supernet import build_supernet
 
     space = _space_from_args(args)
     arch = _arch_in_space(args.arch, space)
-    costs = ViTCostModel.from_config(
-        ViTConfig.from_space(space, img_size=args.img_size or None, num_classes=args.num_classes)
-    )
-    print(f"{arch.key()}: {costs.params(arch):,} parameters, {costs.macs(arch) / 1e9:.3f} GMACs")
+    with torch.device("meta"):  # nothing allocated: the counts are arithmetic
+        net = build_supernet(space, img_size=args.img_size or space.img_size, num_classes=args.num_classes)
+    print(f"{arch.key()}: {net.num_params(arch):,} parameters, {net.num_macs(arch) / 1e9:.3f} GMACs")
     return 0
 
 
@@ -440,8 +445,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def add_space_args(p: argparse.ArgumentParser, default: str) -> None:
-        p.add_argument("--space", default=default, choices=SearchSpace.presets(), help="search space preset")
-        p.add_argument("--space-yaml", help="search space YAML (ours or AutoFormer's); overrides --space")
+        presets = SearchSpace.presets() + MBConvSpace.presets()
+        p.add_argument("--space", default=default, choices=presets, help="search space preset (ViT or Cream MBConv)")
+        p.add_argument("--space-yaml", help="search space YAML (ours, either kind, or AutoFormer's); overrides --space")
         p.add_argument("--num-classes", type=int, default=1000, help="classifier outputs (default: 1000)")
 
     demo = sub.add_parser("demo", help="the whole pipeline on the embedded digits (train, search, export, report)")
