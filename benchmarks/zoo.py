@@ -1,5 +1,5 @@
 """Images/s of registered models at 224px, 1 thread, batch 16 (EfficientViT's CPU protocol), eager and
-through ONNX Runtime; models with `fuse()` (EfficientViT, TinyViT) also fused. One JSON line.
+through ONNX Runtime; models with `fuse()` (EfficientViT, TinyViT, Cream) also fused. One JSON line.
 
     python benchmarks/zoo.py [--models 'efficientvit_*,deit_tiny*'] [--threads 1] [--batch 16]
 """
@@ -48,7 +48,7 @@ def main() -> None:
     p.add_argument(
         "--models",
         default="efficientvit_*,tiny_vit_*_224,deit_tiny_patch16_224,autoformer_tiny,mini_deit_tiny*,mini_deit_small*,"
-        "s3_tiny",
+        "s3_tiny,cream_14,cream_287",
         help="comma-separated shell patterns over the registry",
     )
     p.add_argument("--threads", type=int, default=1)
