@@ -22,21 +22,9 @@ MIN_FIT = 8  # fewest evaluated candidates the predictor is fitted on; before th
 
 
 def encode_archs(archs: Sequence[ArchConfig], space: SearchSpace) -> np.ndarray:
-    """(N, F) features: width, depth, patch size (when searched), each layer slot's MLP ratio and heads
-    (0 past the arch's depth), then the mean MLP width and head count: all divided by the space's largest
-    value, so every feature lies in [0, 1]."""
-    D = max(space.depth)
-    E, M, H = max(space.embed_dim), max(space.mlp_ratio), max(space.num_heads)
-    rows = []
-    for a in archs:
-        mlp = [r / M for r in a.mlp_ratios] + [0.0] * (D - a.depth)
-        heads = [h / H for h in a.num_heads] + [0.0] * (D - a.depth)
-        head = [a.embed_dim / E, a.depth / D]
-        if space.patch_sizes is not None:
-            head.append((a.patch_size or 0) / max(space.patch_sizes))
-        tail = [a.embed_dim * float(np.mean(a.mlp_ratios)) / (E * M), float(np.mean(a.num_heads)) / H]
-        rows.append(head + mlp + heads + tail)
-    return np.asarray(rows, dtype=float)
+    """(N, F) features in [0, 1] of archs of `space` (the space's `features`: ViT widths, depths, ratios
+    and heads, or MBConv depths, kernels and expansions)."""
+    return space.features(archs)
 
 
 class AccuracyPredictor:

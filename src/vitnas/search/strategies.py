@@ -246,7 +246,8 @@ class NSGA2Search(_Base):
     name = "nsga2"
     """Multi-objective search (accuracy vs a cost) with pymoo's NSGA-II over an integer encoding.
 
-    Genes: depth, embed_dim, then mlp_ratio and num_heads for every possible layer (layers past the
+    Genes: the space's `genome_upper()` / `from_genome()` (ViT: depth, embed_dim, then mlp_ratio and
+    num_heads for every possible layer; MBConv: stage depths, then every layer slot's op; slots past a
     depth are ignored). Infeasible or already-seen genomes are never evaluated: they get the
     worst objectives (or their recorded score) directly.
     """
@@ -280,13 +281,7 @@ class NSGA2Search(_Base):
         from pymoo.operators.sampling.rnd import IntegerRandomSampling
 
         self.cost = cost
-        D = max(space.depth)
-        self._D = D
-        upper = (
-            [len(space.depth) - 1, len(space.embed_dim) - 1]
-            + [len(space.mlp_ratio) - 1] * D
-            + [len(space.num_heads) - 1] * D
-        )
+        upper = space.genome_upper()
         problem = Problem(
             n_var=len(upper), n_obj=2, xl=np.zeros(len(upper)), xu=np.array(upper, dtype=float), vtype=int
         )
@@ -302,16 +297,7 @@ class NSGA2Search(_Base):
         self._told: list[list[Any]] = []
 
     def decode(self, x: np.ndarray) -> ArchConfig:
-        s = self.space
-        x = np.asarray(np.round(x), dtype=int)
-        depth = s.depth[x[0]]
-        D = self._D
-        return ArchConfig(
-            s.embed_dim[x[1]],
-            depth,
-            tuple(s.mlp_ratio[i] for i in x[2 : 2 + depth]),
-            tuple(s.num_heads[i] for i in x[2 + D : 2 + D + depth]),
-        )
+        return self.space.from_genome(x)
 
     def ask(self) -> list[ArchConfig]:
         self._pending = self._algo.ask()
@@ -347,7 +333,7 @@ class NSGA2Search(_Base):
             raise ValueError(f"state of a {state.get('kind')} search cannot resume a {type(self).__name__}")
         for archs, scores in state["told"]:
             asked = self.ask()
-            want = [ArchConfig.from_dict(a) for a in archs]
+            want = [self.space.arch_from_dict(a, source="search state") for a in archs]
             if asked != want:
                 raise ValueError("NSGA-II replay diverged from the saved run (different seed or settings?)")
             self.tell(asked, scores)

@@ -391,6 +391,41 @@ class MBConvSpace:
             )
         return MBConvArch(tuple(stages))
 
+    # -- encodings (NSGA-II genomes, predictor features) --------------------------------------------
+    def genome_upper(self) -> list[int]:
+        """Largest value of each integer gene: per stage its depth choice, then the op of each layer slot
+        (slots past the depth are ignored)."""
+        return [len(d) - 1 for d in self.depths] + [len(self.ops) - 1] * sum(max(d) for d in self.depths)
+
+    def from_genome(self, x: Any) -> MBConvArch:
+        x = [int(round(float(v))) for v in x]
+        if len(x) != len(self.genome_upper()):
+            raise ValueError(f"a genome of space {self.name!r} has {len(self.genome_upper())} genes, got {len(x)}")
+        stages, slot = [], self.num_stages
+        for i, choices in enumerate(self.depths):
+            depth = choices[x[i]]
+            stages.append(tuple(x[slot : slot + depth]))
+            slot += max(choices)
+        return MBConvArch(tuple(stages))
+
+    def features(self, archs: Any) -> np.ndarray:
+        """(N, F) predictor features in [0, 1]: each stage's depth, each layer slot's kernel and expansion
+        (0 past the depth), then the mean kernel and expansion over the arch's layers."""
+        K, E = max(k for k, _ in self.ops), max(e for _, e in self.ops)
+        rows = []
+        for a in archs:
+            row, ks, es = [], [], []
+            for stage, choices in zip(a.stages, self.depths):
+                row.append(len(stage) / max(choices))
+                for j in range(max(choices)):
+                    k, e = self.ops[stage[j]] if j < len(stage) else (0, 0)
+                    row += [k / K, e / E]
+                    if j < len(stage):
+                        ks.append(k / K)
+                        es.append(e / E)
+            rows.append(row + [float(np.mean(ks)), float(np.mean(es))])
+        return np.asarray(rows, dtype=float)
+
     # -- extremes and size -------------------------------------------------------------------------
     def _op_by_cost(self) -> list[int]:
         """Op indices from cheapest to dearest: expansion first (it scales every conv), then kernel."""

@@ -269,6 +269,44 @@ class SearchSpace:
         patch = pick(a.patch_size, b.patch_size) if self.patch_sizes is not None else a.patch_size
         return ArchConfig(embed_dim=embed, depth=depth, mlp_ratios=tuple(mlp), num_heads=tuple(heads), patch_size=patch)
 
+    # -- encodings (NSGA-II genomes, predictor features) --------------------------------------------
+    def genome_upper(self) -> list[int]:
+        """Largest value of each integer gene: depth, embed_dim, then mlp_ratio and num_heads for every
+        possible layer (layers past the depth are ignored; a searched patch size keeps the default)."""
+        D = max(self.depth)
+        return (
+            [len(self.depth) - 1, len(self.embed_dim) - 1]
+            + [len(self.mlp_ratio) - 1] * D
+            + [len(self.num_heads) - 1] * D
+        )
+
+    def from_genome(self, x: Any) -> ArchConfig:
+        x = [int(round(float(v))) for v in x]
+        depth, D = self.depth[x[0]], max(self.depth)
+        return ArchConfig(
+            self.embed_dim[x[1]],
+            depth,
+            tuple(self.mlp_ratio[i] for i in x[2 : 2 + depth]),
+            tuple(self.num_heads[i] for i in x[2 + D : 2 + D + depth]),
+        )
+
+    def features(self, archs: Sequence[ArchConfig]) -> np.ndarray:
+        """(N, F) predictor features: width, depth, patch size (when searched), each layer slot's MLP ratio
+        and heads (0 past the arch's depth), then the mean MLP width and head count: all divided by the
+        space's largest value, so every feature lies in [0, 1]."""
+        D = max(self.depth)
+        E, M, H = max(self.embed_dim), max(self.mlp_ratio), max(self.num_heads)
+        rows = []
+        for a in archs:
+            mlp = [r / M for r in a.mlp_ratios] + [0.0] * (D - a.depth)
+            heads = [h / H for h in a.num_heads] + [0.0] * (D - a.depth)
+            head = [a.embed_dim / E, a.depth / D]
+            if self.patch_sizes is not None:
+                head.append((a.patch_size or 0) / max(self.patch_sizes))
+            tail = [a.embed_dim * float(np.mean(a.mlp_ratios)) / (E * M), float(np.mean(a.num_heads)) / H]
+            rows.append(head + mlp + heads + tail)
+        return np.asarray(rows, dtype=float)
+
     # -- extremes and size -------------------------------------------------------------------------
     def smallest(self) -> ArchConfig:
         """The cheapest arch (with searched patch sizes: the largest patch, so the fewest tokens)."""
