@@ -8,12 +8,14 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from vitnas.space import ArchConfig, SearchSpace
+from vitnas.space import ArchConfig, MBConvArch, MBConvSpace, SearchSpace, load_space
 
 __version__ = "0.1.0"
 
 _LAZY = {
     "ViTSupernet": "vitnas.supernet",
+    "MBConvSupernet": "vitnas.supernet",
+    "build_supernet": "vitnas.supernet",
     "VisionTransformer": "vitnas.models",
     "create_model": "vitnas.models",
     "list_models": "vitnas.models",
@@ -22,7 +24,7 @@ _LAZY = {
     "ViTCostModel": "vitnas.costs",
 }
 
-__all__ = ["ArchConfig", "SearchSpace", "__version__", *_LAZY]
+__all__ = ["ArchConfig", "MBConvArch", "MBConvSpace", "SearchSpace", "__version__", "load_space", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:
