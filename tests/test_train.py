@@ -364,5 +364,5 @@ def test_retrain_starts_from_pretrained_weights(tmp_path):
     same = [k for k, v in src.state_dict().items() if not k.startswith("head.l.")]
     assert all(torch.equal(own[k], src.state_dict()[k]) for k in same)
     assert own["head.l.weight"].shape == (10, 192)
-    with pytest.raises(ValueError, match="pretrained='x.pth' initialises a retrained model"):
-        TrainConfig(pretrained="x.pth")
+    with pytest.raises(ValueError, match="pretrained='x.pth' and init_from both initialise the model"):
+        TrainConfig(task="subnet", arch="a.yaml", pretrained="x.pth", init_from="s.safetensors")

@@ -13,6 +13,7 @@ from vitnas._io import atomic_path
 __all__ = [
     "plot_candidates",
     "plot_progress",
+    "plot_space_search",
     "search_verdict",
     "signal_sentence",
     "summary_text",
@@ -137,6 +138,39 @@ def plot_progress(
     if title:
         ax.set_title(title)
     return _save(plt, fig, path)
+
+
+def plot_space_search(iterations: Sequence[Mapping[str, Any]], folder: str | Path) -> list[Path]:
+    """A space search's two plots: E, T and E-T error per iteration (`et_error.png`), and each dimension's
+    range per iteration (`ranges.png`, one panel per dimension: the window as a band, its choices as dots)."""
+    plt = _plt()
+    folder = Path(folder)
+    its = [r["iteration"] for r in iterations]
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for key, style in (("E", "o--"), ("T", "s--"), ("ET", "o-")):
+        ax.plot(its, [r["errors"][key] for r in iterations], style, label={"ET": "E-T"}.get(key, key))
+    ax.set_xlabel("space-search iteration")
+    ax.set_ylabel("error (%)")
+    ax.set_xticks(its)
+    ax.legend()
+    paths = [_save(plt, fig, folder / "et_error.png")]
+    names = list(iterations[0]["ranges"])
+    cols = min(4, len(names))
+    rows_ = math.ceil(len(names) / cols)
+    fig, axes = plt.subplots(rows_, cols, figsize=(3 * cols, 2.2 * rows_), squeeze=False)
+    for ax, name in zip(axes.flat, names):
+        lo = [min(r["ranges"][name]) for r in iterations]
+        hi = [max(r["ranges"][name]) for r in iterations]
+        ax.fill_between(its, lo, hi, alpha=0.3)
+        for it, r in zip(its, iterations):
+            ax.plot([it] * len(r["ranges"][name]), r["ranges"][name], "k.", ms=4)
+        ax.set_title(name, fontsize=9)
+        ax.set_xticks(its)
+    for ax in list(axes.flat)[len(names) :]:
+        ax.axis("off")
+    fig.tight_layout()
+    paths.append(_save(plt, fig, folder / "ranges.png"))
+    return paths
 
 
 def table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:

@@ -28,7 +28,9 @@ class TrainConfig:
     arch: str | None = None  # subnet task: arch YAML (ours, or an AutoFormer config's RETRAIN section)
     model: str | None = None  # subnet task: a registered model instead of an arch (`vitnas models` lists them)
     model_args: dict[str, Any] = field(default_factory=dict)  # model: create_model arguments, e.g. depth=6
-    pretrained: str | None = None  # subnet task: initial weights (.pth/.safetensors); another-size head starts fresh
+    pretrained: str | None = (
+        None  # initial weights (.pth/.safetensors; a supernet's for a supernet); another-size head starts fresh
+    )
     init_from: str | None = None  # subnet task: supernet checkpoint whose weights the subnet inherits
     sampling: str = "uniform"  # supernet task: uniform (AutoFormer, one random subnet per step) | sandwich
     sandwich_random: int = 2  # sandwich rule: random subnets per step besides the largest and smallest
@@ -130,10 +132,9 @@ class TrainConfig:
             )
         if self.task in SUPERNET_TASKS and self.model:
             raise ValueError(f"{source}: model={self.model!r} is for retrain (task 'subnet'), not supernet training")
-        if self.pretrained and (self.task not in RETRAIN_TASKS or self.init_from):
+        if self.pretrained and self.init_from:
             raise ValueError(
-                f"{source}: pretrained={self.pretrained!r} initialises a retrained model or arch; it does not "
-                f"combine with supernet training or init_from"
+                f"{source}: pretrained={self.pretrained!r} and init_from both initialise the model; give one"
             )
         if self.distill == "minivit" and (self.distill_logits or not self.teacher):
             raise ValueError(

@@ -1,0 +1,63 @@
+"""The space-search rule (E-T error, range shifts) on synthetic errors whose optimum is known."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from vitnas.search.space_search import et_error, grid_around, shift_ranges
+
+OPT = {"depth": 14, "ratio": 1.0}
+GRIDS = {"depth": tuple(range(1, 21)), "ratio": tuple(np.round(np.arange(0.5, 5.01, 0.5), 6))}
+
+
+def synthetic_error(values, rng):
+    """A bowl with its floor at OPT, plus measurement noise."""
+    return (
+        20 + (values["depth"] - OPT["depth"]) ** 2 / 10 + 3 * (values["ratio"] - OPT["ratio"]) ** 2 + rng.normal(0, 0.5)
+    )
+
+
+def sample(ranges, n, rng):
+    return [{k: float(rng.choice(v)) for k, v in ranges.items()} for _ in range(n)]
+
+
+def test_ranges_move_toward_the_optimum_and_stop_there():
+    rng = np.random.default_rng(0)
+    ranges = {"depth": (2, 3, 4), "ratio": (3.5, 4.0, 4.5)}
+    history = []
+    for _ in range(16):
+        values = sample(ranges, 120, rng)
+        samples = [(v, synthetic_error(v, rng)) for v in values]
+        history.append(et_error([e for _, e in samples], top_k=10)["ET"])
+        ranges, shifts = shift_ranges(ranges, GRIDS, samples, min_t=2.0)
+        assert {s.name for s in shifts} == {"depth", "ratio"}
+        for name, window in ranges.items():  # windows keep their size and stay consecutive on the grid
+            i = GRIDS[name].index(window[0])
+            assert window == GRIDS[name][i : i + 3]
+    assert OPT["depth"] - 1 <= np.mean(ranges["depth"]) <= OPT["depth"] + 1
+    assert OPT["ratio"] - 0.5 <= np.mean(ranges["ratio"]) <= OPT["ratio"] + 0.5
+    assert history[-1] < history[0] - 10  # the E-T error fell with the moves
+
+
+def test_no_significant_trend_no_move_and_grid_edges_hold():
+    rng = np.random.default_rng(1)
+    flat = [({"depth": float(rng.choice((5, 6, 7))), "ratio": 1.0}, 20 + rng.normal(0, 1)) for _ in range(60)]
+    ranges, shifts = shift_ranges({"depth": (5, 6, 7), "ratio": (0.5, 1.0, 1.5)}, GRIDS, flat, min_t=3.0)
+    assert ranges == {"depth": (5, 6, 7), "ratio": (0.5, 1.0, 1.5)}
+    by = {s.name: s for s in shifts}
+    assert by["ratio"].slope == 0 and by["ratio"].t == 0  # no variation: nothing to fit
+    edge = [({"depth": d, "ratio": 1.0}, 30 - d) for d in (18, 19, 20) * 10]  # better upward, at the grid's end
+    ranges, _ = shift_ranges({"depth": (18, 19, 20), "ratio": (1.0,)}, GRIDS, edge)
+    assert ranges["depth"] == (18, 19, 20)
+
+
+def test_et_error_and_grids():
+    assert et_error([10, 20, 30, 40], top_k=2) == {"E": 25.0, "T": 15.0, "ET": 20.0}
+    assert grid_around([64, 96], 2, integer=True) == (32, 64, 96, 128, 160)
+    assert grid_around([2.0, 3.0, 4.0], 1, integer=False) == (1.0, 2.0, 3.0, 4.0, 5.0)
+    assert grid_around([7], 2, integer=True) == (5, 6, 7, 8, 9)
+    with pytest.raises(ValueError, match="choices \\[7\\] are not on its grid"):
+        shift_ranges({"depth": (7,)}, {"depth": (1, 2)}, [({"depth": 7}, 1.0)] * 5)
+    with pytest.raises(ValueError, match="cannot fit slopes"):
+        shift_ranges({"depth": (1,)}, {"depth": (1, 2)}, [({"depth": 1}, 1.0)] * 2)
