@@ -61,3 +61,62 @@ def test_et_error_and_grids():
         shift_ranges({"depth": (7,)}, {"depth": (1, 2)}, [({"depth": 7}, 1.0)] * 5)
     with pytest.raises(ValueError, match="cannot fit slopes"):
         shift_ranges({"depth": (1,)}, {"depth": (1, 2)}, [({"depth": 1}, 1.0)] * 2)
+
+
+def _config(tmp_path, out: str, **kw):
+    from vitnas.pipeline.space_search import SpaceSearchConfig
+
+    train = dict(recipe="digits", val_per_class=10, batch_size=64, lr=1e-2, warmup_epochs=0.2, drop_path=0.0)
+    train.update(threads=1, deterministic=True)
+    return SpaceSearchConfig(
+        out_dir=str(tmp_path / out),
+        space="digits",
+        dims=["embed_dim", "depth"],
+        iterations=2,
+        epochs=1,
+        finetune_epochs=1,
+        samples=10,
+        top_k=3,
+        min_t=0.5,
+        train=train,
+        **kw,
+    )
+
+
+def test_space_search_runs_iterations_and_resumes_after_an_interrupt_to_the_same_result(tmp_path):
+    """Two spaces on the digits ViT space; one run is interrupted while scoring the second space's samples and
+    continued: the same E-T errors, ranges and final space. Plots and per-iteration YAMLs are written."""
+    import json
+
+    from vitnas.pipeline.space_search import run_space_search
+    from vitnas.space import load_space
+
+    full = run_space_search(_config(tmp_path, "full"))
+    assert len(full["iterations"]) == 2
+    for name in ("et_error.png", "ranges.png", "final_space.yaml", "iter_0/space.yaml", "iter_1/result.json"):
+        assert (tmp_path / "full" / name).is_file(), name
+    first = json.loads((tmp_path / "full" / "iter_0" / "result.json").read_text())
+    assert first["next_ranges"] == full["iterations"][1]["ranges"]
+    final = load_space(full["final_space"])  # feeds `vitnas search` as any space YAML
+    assert list(final.embed_dim) == full["iterations"][1]["ranges"]["embed_dim"]
+
+    def interrupt(stage, done, total):
+        if stage == "score 1" and done == 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_space_search(_config(tmp_path, "part"), interrupt)
+    assert len((tmp_path / "part" / "iter_1" / "samples.jsonl").read_text().splitlines()) == 4
+    again = run_space_search(_config(tmp_path, "part"))
+    assert again["iterations"] == full["iterations"]
+
+
+def test_space_search_config_errors(tmp_path):
+    from vitnas.pipeline.space_search import SpaceSearchConfig, run_space_search
+
+    with pytest.raises(ValueError, match="train.epochs is set by the space search"):
+        SpaceSearchConfig(train={"epochs": 3})
+    with pytest.raises(ValueError, match="unknown dims \\['width'\\]"):
+        run_space_search(SpaceSearchConfig(out_dir=str(tmp_path), space="digits", dims=["width"]))
+    with pytest.raises(ValueError, match="has no searchable ranges"):
+        run_space_search(SpaceSearchConfig(out_dir=str(tmp_path), space="cream-cifar"))

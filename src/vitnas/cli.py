@@ -140,6 +140,34 @@ def cmd_search(args: argparse.Namespace) -> int:
     return _run_pipeline(cfg, args.fresh)
 
 
+def cmd_search_space(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from vitnas.pipeline.space_search import SpaceSearchConfig, run_space_search
+
+    cfg = SpaceSearchConfig.from_yaml(args.config, out_dir=args.out_dir, iterations=args.iterations)
+    bars: dict[str, tqdm] = {}
+
+    def progress(stage: str, done: int, total: int) -> None:
+        if stage not in bars:
+            for bar in bars.values():
+                bar.close()
+            bars.clear()
+            bars[stage] = tqdm(total=total, desc=f"search-space {stage}", dynamic_ncols=True, disable=None)
+        bars[stage].total = total
+        bars[stage].update(done - bars[stage].n)
+
+    summary = run_space_search(cfg, progress)
+    for bar in bars.values():
+        bar.close()
+    for it in summary["iterations"]:
+        e = it["errors"]
+        ranges = ", ".join(f"{k} {v}" for k, v in it["ranges"].items())
+        print(f"iteration {it['iteration']}: E {e['E']:.2f}  T {e['T']:.2f}  E-T {e['ET']:.2f}  | {ranges}")
+    print(f"final space: {summary['final_space']} (plots: et_error.png, ranges.png next to it)")
+    return 0
+
+
 def _arch_in_space(path: str, space: SearchSpace | MBConvSpace) -> ArchConfig | MBConvArch:
     """The arch YAML at `path`, which must lie in `space` (the error names dimension, value, choices)."""
     return arch_from_yaml(space, path)
@@ -151,7 +179,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     model, meta = load_model(args.checkpoint)
     kind = meta["model"]["kind"]
-    if kind == "supernet":
+    if kind.endswith("supernet"):
         if not args.arch:
             raise ValueError(f"{args.checkpoint} holds a supernet: pass --arch (e.g. a search's best.yaml)")
         model = model.extract(_arch_in_space(args.arch, model.space))
@@ -386,7 +414,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     data = load_data_of(meta, data_path=args.data_path, source=str(args.checkpoint))
     norm = AugmentConfig.from_dict(meta["norm"])
     split = getattr(data, args.split)
-    if meta["model"]["kind"] == "supernet":
+    if meta["model"]["kind"].endswith("supernet"):
         archs = (
             [("arch", _arch_in_space(args.arch, model.space))]
             if args.arch
@@ -475,6 +503,15 @@ def build_parser() -> argparse.ArgumentParser:
     costs.add_argument("arch", help="arch YAML (ours, or an AutoFormer subnet config)")
     costs.add_argument("--img-size", type=int, help="input resolution (default: the space's img_size)")
     costs.set_defaults(func=cmd_costs)
+
+    ss = sub.add_parser(
+        "search-space",
+        help="search the search space (S3): train a supernet per space, measure its E-T error, move the ranges",
+    )
+    ss.add_argument("--config", required=True, help="search-space YAML (SpaceSearchConfig fields)")
+    ss.add_argument("--out-dir", help="iteration folders and plots (default: the config's out_dir)")
+    ss.add_argument("--iterations", type=int, help="spaces to measure (default: the config's iterations)")
+    ss.set_defaults(func=cmd_search_space)
 
     ts = sub.add_parser("train-supernet", help="train a weight-sharing supernet")
     ts.add_argument(

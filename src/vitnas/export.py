@@ -45,7 +45,7 @@ def export_subnet(
 ) -> Path:
     """Write a ViT subnet, or a model made by `vitnas.create_model`, as a folder `load_subnet` reads."""
     spec = spec_of(model)
-    if spec["kind"] == "supernet":
+    if spec["kind"].endswith("supernet"):
         raise TypeError("cannot export a supernet: extract a subnet first (supernet.extract(arch))")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

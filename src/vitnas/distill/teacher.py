@@ -111,7 +111,7 @@ def load_teacher(
         if weights:
             raise ValueError(f"teacher {spec} is a checkpoint: it brings its own weights (drop teacher_weights)")
         model, meta = load_model(path)
-        if meta["model"]["kind"] == "supernet":
+        if meta["model"]["kind"].endswith("supernet"):
             raise ValueError(f"teacher {spec} holds a supernet: export one subnet first (vitnas export --arch)")
         return Teacher(model, source=spec, digest=file_digest(path), dtype=dtype)
     if spec not in list_models():

@@ -269,6 +269,36 @@ class SearchSpace:
         patch = pick(a.patch_size, b.patch_size) if self.patch_sizes is not None else a.patch_size
         return ArchConfig(embed_dim=embed, depth=depth, mlp_ratios=tuple(mlp), num_heads=tuple(heads), patch_size=patch)
 
+    # -- ranges (searching the search space: vitnas.search.space_search) ----------------------------
+    def ranges(self) -> dict[str, tuple[float, ...]]:
+        """The searched dimensions' choices, by name."""
+        return {
+            "embed_dim": self.embed_dim,
+            "depth": self.depth,
+            "mlp_ratio": self.mlp_ratio,
+            "num_heads": self.num_heads,
+        }
+
+    def with_ranges(self, ranges: Mapping[str, Sequence[float]]) -> SearchSpace:
+        """This space with other choices for some dimensions (capacity unchanged)."""
+        unknown = sorted(set(ranges) - set(self.ranges()))
+        if unknown:
+            raise ValueError(f"space {self.name!r} has no dimensions {unknown}; it has {list(self.ranges())}")
+        return replace(self, **{k: tuple(v) for k, v in ranges.items()})
+
+    def with_capacity(self, caps: Mapping[str, float]) -> SearchSpace:
+        """This space with the supernet capacity `caps` (dimension -> largest value it must hold)."""
+        return replace(self, **{f"max_{k}": v for k, v in caps.items()})
+
+    def arch_values(self, arch: ArchConfig) -> dict[str, float]:
+        """An arch's value of every dimension of `ranges()` (per-layer ones averaged)."""
+        return {
+            "embed_dim": float(arch.embed_dim),
+            "depth": float(arch.depth),
+            "mlp_ratio": float(np.mean(arch.mlp_ratios)),
+            "num_heads": float(np.mean(arch.num_heads)),
+        }
+
     # -- encodings (NSGA-II genomes, predictor features) --------------------------------------------
     def genome_upper(self) -> list[int]:
         """Largest value of each integer gene: depth, embed_dim, then mlp_ratio and num_heads for every
