@@ -290,12 +290,12 @@ class Trainer:
         torch.manual_seed((self.cfg.seed * 1_000_003 + step * 7919 + self.dist.rank) % (2**63))
 
     def _optimizer_step(self, loss: torch.Tensor) -> float:
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        grads = []
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            grads.append(p.grad)
+        # Parameters the step did not use (another path's blocks, layers past the active depth) keep no
+        # gradient, so the optimizer leaves them alone: a zero gradient would let Adam's momentum keep moving
+        # them for many steps after their last use and weight decay shrink them while unused. Every rank
+        # trains the same subnets each step, so every rank holds the same set.
+        params = [p for p in self.model.parameters() if p.requires_grad and p.grad is not None]
+        grads = [p.grad for p in params]
         loss_buf = loss.reshape(1).float().clone()
         all_reduce_mean_(grads + [loss_buf], self.dist)
         loss_value = float(loss_buf)
