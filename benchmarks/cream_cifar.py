@@ -132,7 +132,9 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=6, help="supernet training epochs (both methods)")
     p.add_argument("--seeds", type=int, default=2, help="seeds per method")
     p.add_argument("--batch-size", type=int, default=128, help="training batch")
-    p.add_argument("--lr", type=float, default=2e-2, help="peak lr at a batch of 512 (AdamW; MBConv nets want ~5x the ViT lr)")
+    p.add_argument(
+        "--lr", type=float, default=2e-2, help="peak lr at a batch of 512 (AdamW; MBConv nets want ~5x a ViT lr)"
+    )
     p.add_argument("--board", type=int, default=10, help="Cream board size K")
     p.add_argument("--meta-every", type=int, default=50, help="steps between meta-network updates")
     p.add_argument("--mmacs", type=float, nargs=2, default=None, help="MACs window in millions (default: middle half)")

@@ -120,3 +120,34 @@ def test_space_search_config_errors(tmp_path):
         run_space_search(SpaceSearchConfig(out_dir=str(tmp_path), space="digits", dims=["width"]))
     with pytest.raises(ValueError, match="has no searchable ranges"):
         run_space_search(SpaceSearchConfig(out_dir=str(tmp_path), space="cream-cifar"))
+
+
+def test_space_search_on_the_s3_space(tmp_path):
+    """The S3 hierarchical space searched by stage dimensions (`<dim>.<stage>`), its supernet sized for the grids."""
+    from vitnas.pipeline.space_search import SpaceSearchConfig, run_space_search
+    from vitnas.space import load_space
+
+    train = dict(recipe="digits", val_per_class=10, batch_size=64, lr=1e-2, warmup_epochs=0.2, threads=1)
+    cfg = SpaceSearchConfig(
+        out_dir=str(tmp_path / "s3"),
+        space="s3-cifar",
+        dims=["embed_dims.2", "depths.2", "num_heads.2"],
+        grid_extend=1,
+        iterations=2,
+        epochs=1,
+        finetune_epochs=1,
+        samples=8,
+        top_k=2,
+        min_t=0.0,  # every slope moves its window: the second space differs from the first
+        train=train,
+    )
+    summary = run_space_search(cfg)
+    first, second = (it["ranges"] for it in summary["iterations"])
+    assert first["embed_dims.2"] == [64, 96] and first != second
+    final = load_space(summary["final_space"])
+    assert [list(final.embed_dims[2]), list(final.depths[2]), list(final.num_heads[2])] == [
+        second["embed_dims.2"],
+        second["depths.2"],
+        second["num_heads.2"],
+    ]
+    assert final.max_embed_dims[2] == 128 and final.embed_dims[0] == (16, 24)  # capacity = grid top; others kept

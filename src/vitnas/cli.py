@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from vitnas.report import summary_text, table
-from vitnas.space import ArchConfig, MBConvArch, MBConvSpace, SearchSpace, arch_from_yaml, load_space
+from vitnas.space import ArchConfig, MBConvArch, MBConvSpace, S3Space, SearchSpace, arch_from_yaml, load_space
 
 log = logging.getLogger("vitnas")
 
@@ -31,7 +31,7 @@ def _arch_columns(arch) -> tuple[list[str], list[str]]:
             f"{np.mean(arch.num_heads):.2f}",
         ]
         return ["embed_dim", "depth", "mean mlp", "mean heads"], cells
-    return ["depths", "ops"], ["/".join(map(str, arch.depths)), arch.key()]
+    return ["depths", "arch"], ["/".join(map(str, arch.depths)), arch.key()]
 
 
 def cmd_space(args: argparse.Namespace) -> int:
@@ -47,8 +47,11 @@ def cmd_space(args: argparse.Namespace) -> int:
             f"embed {list(space.embed_dim)}, depth {list(space.depth)}, mlp_ratio {list(space.mlp_ratio)}, "
             f"num_heads {list(space.num_heads)}"
         )
-    else:
+    elif isinstance(space, MBConvSpace):
         dims = f"ops (kernel, expansion) {[list(o) for o in space.ops]}, depths {[list(d) for d in space.depths]}"
+    else:
+        dims = ", ".join(f"{k} {list(v)}" for k, v in space.ranges().items() if k.endswith(".0"))
+        dims = f"stage 0: {dims} (vitnas search-space --help; every stage in its YAML)"
     print(f"search space {space.name!r}: {space.size():.3e} archs; {dims}")
     t0 = time.perf_counter()
     net = build_supernet(space, img_size=space.img_size, num_classes=args.num_classes).eval()
@@ -467,43 +470,8 @@ def _add_export_parser(sub: argparse._SubParsersAction) -> None:
     export.set_defaults(func=cmd_export)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vitnas", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    def add_space_args(p: argparse.ArgumentParser, default: str) -> None:
-        presets = SearchSpace.presets() + MBConvSpace.presets()
-        p.add_argument("--space", default=default, choices=presets, help="search space preset (ViT or Cream MBConv)")
-        p.add_argument("--space-yaml", help="search space YAML (ours, either kind, or AutoFormer's); overrides --space")
-        p.add_argument("--num-classes", type=int, default=1000, help="classifier outputs (default: 1000)")
-
-    demo = sub.add_parser("demo", help="the whole pipeline on the embedded digits (train, search, export, report)")
-    demo.add_argument("--out-dir", help="default: runs/demo")
-    demo.add_argument("--fresh", action="store_true", help="start over instead of continuing a previous run")
-    demo.set_defaults(func=cmd_demo)
-
-    search = sub.add_parser("search", help="train a supernet (or load one), search, export, fine-tune, report")
-    search.add_argument("--config", required=True, help="pipeline YAML (see src/vitnas/configs/demo.yaml)")
-    search.add_argument("--out-dir", help="where every stage writes (default: the config's out_dir)")
-    search.add_argument("--checkpoint", help="a trained supernet checkpoint (skips training)")
-    search.add_argument("--fresh", action="store_true", help="start over instead of continuing a previous run")
-    search.set_defaults(func=cmd_search)
-
-    _add_export_parser(sub)
-
-    space = sub.add_parser("space", help="a space's supernet: sample subnets, show their costs, run a forward")
-    add_space_args(space, "autoformer-tiny")
-    space.add_argument("--samples", type=int, default=5, help="random subnets to show (default: 5)")
-    space.add_argument("--seed", type=int, default=0, help="seed of the sampled subnets and weights (default: 0)")
-    space.set_defaults(func=cmd_space)
-
-    costs = sub.add_parser("costs", help="parameters and MACs of an arch YAML")
-    add_space_args(costs, "autoformer-tiny")
-    costs.add_argument("arch", help="arch YAML (ours, or an AutoFormer subnet config)")
-    costs.add_argument("--img-size", type=int, help="input resolution (default: the space's img_size)")
-    costs.set_defaults(func=cmd_costs)
-
+def _add_training_parsers(sub: argparse._SubParsersAction) -> None:
+    """The verbs that train: search-space, train-supernet, models, retrain, save-logits."""
     ss = sub.add_parser(
         "search-space",
         help="search the search space (S3): train a supernet per space, measure its E-T error, move the ranges",
@@ -545,6 +513,47 @@ def build_parser() -> argparse.ArgumentParser:
     sl.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     sl.set_defaults(func=cmd_save_logits)
 
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vitnas", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add_space_args(p: argparse.ArgumentParser, default: str) -> None:
+        presets = SearchSpace.presets() + MBConvSpace.presets() + S3Space.presets()
+        p.add_argument(
+            "--space", default=default, choices=presets, help="search space preset (ViT, Cream MBConv or S3)"
+        )
+        p.add_argument("--space-yaml", help="search space YAML (ours, either kind, or AutoFormer's); overrides --space")
+        p.add_argument("--num-classes", type=int, default=1000, help="classifier outputs (default: 1000)")
+
+    demo = sub.add_parser("demo", help="the whole pipeline on the embedded digits (train, search, export, report)")
+    demo.add_argument("--out-dir", help="default: runs/demo")
+    demo.add_argument("--fresh", action="store_true", help="start over instead of continuing a previous run")
+    demo.set_defaults(func=cmd_demo)
+
+    search = sub.add_parser("search", help="train a supernet (or load one), search, export, fine-tune, report")
+    search.add_argument("--config", required=True, help="pipeline YAML (see src/vitnas/configs/demo.yaml)")
+    search.add_argument("--out-dir", help="where every stage writes (default: the config's out_dir)")
+    search.add_argument("--checkpoint", help="a trained supernet checkpoint (skips training)")
+    search.add_argument("--fresh", action="store_true", help="start over instead of continuing a previous run")
+    search.set_defaults(func=cmd_search)
+
+    _add_export_parser(sub)
+
+    space = sub.add_parser("space", help="a space's supernet: sample subnets, show their costs, run a forward")
+    add_space_args(space, "autoformer-tiny")
+    space.add_argument("--samples", type=int, default=5, help="random subnets to show (default: 5)")
+    space.add_argument("--seed", type=int, default=0, help="seed of the sampled subnets and weights (default: 0)")
+    space.set_defaults(func=cmd_space)
+
+    costs = sub.add_parser("costs", help="parameters and MACs of an arch YAML")
+    add_space_args(costs, "autoformer-tiny")
+    costs.add_argument("arch", help="arch YAML (ours, or an AutoFormer subnet config)")
+    costs.add_argument("--img-size", type=int, help="input resolution (default: the space's img_size)")
+    costs.set_defaults(func=cmd_costs)
+
+    _add_training_parsers(sub)
     ev = sub.add_parser("evaluate", help="top-1 and loss of a checkpoint on the validation or test split")
     ev.add_argument("checkpoint", help="a training checkpoint (last.safetensors)")
     ev.add_argument(

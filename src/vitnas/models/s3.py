@@ -32,7 +32,7 @@ windows and heads of one image are folded into SDPA's head axis so one mask broa
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -44,9 +44,112 @@ from vitnas.nn.functional import drop_path
 from vitnas.nn.layers import Mlp  # fc1, GELU, dropout, fc2, dropout: the reference's Mlp and keys
 from vitnas.nn.windows import relative_position_index, shift_window_mask, window_partition_index
 
-__all__ = ["S3Transformer", "relative_position_index", "shift_window_mask", "window_partition_index"]
+__all__ = [
+    "S3Transformer",
+    "block_shift",
+    "effective_window",
+    "gather_position_bias",
+    "in_windows",
+    "merge_neighbours",
+    "relative_position_index",
+    "s3_macs",
+    "s3_params",
+    "set_window_buffers",
+    "shift_window_mask",
+    "window_attention",
+    "window_partition_index",
+]
 
 log = logging.getLogger(__name__)
+
+
+# -- functional pieces: the static layers call them with their own weights and the supernet
+# (`vitnas.supernet.s3`) with the active slices of its largest ones, so the two compute the same thing.
+def block_shift(index: int, window: int) -> int:
+    """Blocks alternate unshifted / shifted windows, by half a window."""
+    return 0 if index % 2 == 0 else window // 2
+
+
+def effective_window(resolution: tuple[int, int], window: int, shift: int) -> tuple[int, int]:
+    """(window, shift) a block really uses: as the reference, a window not smaller than the map's smaller
+    side becomes that side, unshifted."""
+    if min(resolution) <= window:
+        return min(resolution), 0
+    return window, shift
+
+
+def gather_position_bias(table: Tensor, index: Tensor) -> Tensor:
+    """(heads, N, N) bias: the rows of a ((2w-1)^2, heads) table that an (N, N) relative-position index picks."""
+    N = index.shape[0]
+    return table[index.view(-1)].view(N, N, -1).permute(2, 0, 1)
+
+
+def window_attention(
+    x: Tensor,
+    qkv_weight: Tensor,
+    qkv_bias: Tensor | None,
+    proj_weight: Tensor,
+    proj_bias: Tensor | None,
+    bias: Tensor,
+    mask: Tensor | None,
+    *,
+    num_heads: int,
+    head_dim: int,
+    attn_drop: float = 0.0,
+    proj_drop: float = 0.0,
+    training: bool = False,
+) -> Tensor:
+    """(B, nW, N, C) -> (B, nW, N, C'): qkv rows are [q; k; v], each (num_heads, head_dim); `bias` is the
+    (heads, N, N) relative position bias and `mask` the (nW, N, N) shift mask or None."""
+    B, nW, N, _ = x.shape
+    h, d = num_heads, head_dim
+    qkv = F.linear(x, qkv_weight, qkv_bias).view(B, nW, N, 3, h, d).permute(3, 0, 1, 4, 2, 5)  # (3, B, nW, h, N, d)
+    if mask is None:  # one (h, N, N) bias broadcast over every window of every image
+        q, k, v = qkv.reshape(3, B * nW, h, N, d).unbind(0)
+        bias = bias.unsqueeze(0).contiguous()
+    else:  # windows folded into heads: one (nW * h, N, N) bias + mask broadcast over images
+        q, k, v = qkv.reshape(3, B, nW * h, N, d).unbind(0)
+        bias = (mask.unsqueeze(1) + bias).reshape(1, nW * h, N, N)
+    p = attn_drop if training else 0.0
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), dropout_p=p, scale=head_dim**-0.5)
+    out = out.view(B, nW, h, N, d).transpose(2, 3).reshape(B, nW, N, h * d)
+    return F.dropout(F.linear(out, proj_weight, proj_bias), proj_drop, training)
+
+
+def in_windows(
+    x: Tensor, fn: Callable[[Tensor], Tensor], window: int, window_index: Tensor, token_index: Tensor
+) -> Tensor:
+    """`fn` over the (B, nW, w^2, C) windows of (B, L, C) tokens: shift + pad + partition as one gather
+    (`window_partition_index`), then merge + crop + shift back as another."""
+    B, L, C = x.shape
+    if window_index.numel() > L:
+        x = F.pad(x, (0, 0, 0, 1))  # token L: the zero that padded window slots read
+    x = fn(x.index_select(1, window_index).view(B, -1, window * window, C))
+    return x.view(B, -1, x.shape[-1]).index_select(1, token_index)
+
+
+def merge_neighbours(x: Tensor, resolution: tuple[int, int]) -> Tensor:
+    """(B, H*W, C) -> (B, ceil(H/2) * ceil(W/2), 4C): each 2x2 neighbourhood's tokens concatenated in the
+    reference's order (0,0), (1,0), (0,1), (1,1) (row, col); odd maps are zero-padded first."""
+    B, _, C = x.shape
+    H, W = resolution
+    x = x.view(B, H, W, C)
+    if H % 2 or W % 2:
+        x = F.pad(x, (0, 0, 0, W % 2, 0, H % 2))
+    Hh, Wh = (H + 1) // 2, (W + 1) // 2
+    # (B, Hh, row, Wh, col, C) -> channel groups ordered col-major: (0,0), (1,0), (0,1), (1,1)
+    return x.view(B, Hh, 2, Wh, 2, C).permute(0, 1, 3, 4, 2, 5).reshape(B, Hh * Wh, 4 * C)
+
+
+def set_window_buffers(model: nn.Module) -> nn.Module:
+    """Recompute every block's window gathers (not persistent, so state dicts do not carry them) on the
+    device of its weights: what a model built on the meta device and then loaded needs."""
+    for m in model.modules():
+        if isinstance(m, SwinTransformerBlock):
+            device = m.norm1.weight.device
+            window_index, token_index = window_partition_index(m.resolution, m.window, m.shift)
+            m.window_index, m.token_index = window_index.to(device), token_index.to(device)
+    return model
 
 
 class PatchEmbed(nn.Module):
@@ -65,12 +168,22 @@ class WindowAttention(nn.Module):
     """Multi-head attention inside windows with a relative position bias; (B, nW, N, C) -> same shape."""
 
     def __init__(
-        self, dim: int, window: int, num_heads: int, head_dim: int = 32, attn_drop: float = 0.0, drop: float = 0.0
+        self,
+        dim: int,
+        window: int,
+        num_heads: int,
+        head_dim: int = 32,
+        attn_drop: float = 0.0,
+        drop: float = 0.0,
+        decouple_qkv: bool = False,
     ) -> None:
         super().__init__()
-        if dim != num_heads * head_dim:
-            # The reference projects to heads * 32 but reshapes by dim // heads, so it needs this too.
-            raise ValueError(f"dim {dim} must equal num_heads {num_heads} * head_dim {head_dim}")
+        if dim != num_heads * head_dim and not decouple_qkv:
+            # The reference projects to heads * 32 but reshapes by dim // heads, so it needs this too; S3's
+            # search space does not (its q-k-v width is searched apart from the embedding dim).
+            raise ValueError(
+                f"dim {dim} must equal num_heads {num_heads} * head_dim {head_dim} (or set decouple_qkv=True)"
+            )
         self.dim, self.window, self.num_heads, self.head_dim = dim, window, num_heads, head_dim
         self.scale = head_dim**-0.5
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window - 1) ** 2, num_heads))
@@ -82,24 +195,23 @@ class WindowAttention(nn.Module):
 
     def position_bias(self) -> Tensor:
         """(heads, N, N) bias gathered from the table."""
-        N = self.window * self.window
-        return self.relative_position_bias_table[self.relative_position_index.view(-1)].view(N, N, -1).permute(2, 0, 1)
+        return gather_position_bias(self.relative_position_bias_table, self.relative_position_index)
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        B, nW, N, C = x.shape
-        h, d = self.num_heads, self.head_dim
-        qkv = self.qkv(x).view(B, nW, N, 3, h, d).permute(3, 0, 1, 4, 2, 5)  # (3, B, nW, h, N, d)
-        bias = self.position_bias()
-        if mask is None:  # one (h, N, N) bias broadcast over every window of every image
-            q, k, v = qkv.reshape(3, B * nW, h, N, d).unbind(0)
-            bias = bias.unsqueeze(0).contiguous()
-        else:  # windows folded into heads: one (nW * h, N, N) bias + mask broadcast over images
-            q, k, v = qkv.reshape(3, B, nW * h, N, d).unbind(0)
-            bias = (mask.unsqueeze(1) + bias).reshape(1, nW * h, N, N)
-        p = self.attn_drop if self.training else 0.0
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), dropout_p=p, scale=self.scale)
-        out = out.view(B, nW, h, N, d).transpose(2, 3).reshape(B, nW, N, h * d)
-        return F.dropout(self.proj(out), self.proj_drop, self.training)
+        return window_attention(
+            x,
+            self.qkv.weight,
+            self.qkv.bias,
+            self.proj.weight,
+            self.proj.bias,
+            self.position_bias(),
+            mask,
+            num_heads=self.num_heads,
+            head_dim=self.head_dim,
+            attn_drop=self.attn_drop,
+            proj_drop=self.proj_drop,
+            training=self.training,
+        )
 
 
 class SwinTransformerBlock(nn.Module):
@@ -117,15 +229,15 @@ class SwinTransformerBlock(nn.Module):
         drop: float = 0.0,
         attn_drop: float = 0.0,
         head_dim: int = 32,
+        decouple_qkv: bool = False,
     ) -> None:
         super().__init__()
-        if min(resolution) <= window:  # as the reference: one window over the smaller side, no shift
-            window, shift = min(resolution), 0
+        window, shift = effective_window(resolution, window, shift)
         if not 0 <= shift < window:
             raise ValueError(f"shift {shift} must be in [0, window {window})")
         self.dim, self.resolution, self.window, self.shift = dim, resolution, window, shift
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = WindowAttention(dim, window, num_heads, head_dim, attn_drop, drop)
+        self.attn = WindowAttention(dim, window, num_heads, head_dim, attn_drop, drop, decouple_qkv)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
         self.drop_path = drop_path_rate
@@ -133,7 +245,6 @@ class SwinTransformerBlock(nn.Module):
         window_index, token_index = window_partition_index(resolution, window, shift)
         self.register_buffer("window_index", window_index, persistent=False)
         self.register_buffer("token_index", token_index, persistent=False)
-        self.pad_tokens = window_index.numel() > resolution[0] * resolution[1]
         mask = shift_window_mask(resolution, window, shift)
         if mask is not None:  # the reference saves it (persistent) whenever it shifts
             self.register_buffer("attn_mask", mask)
@@ -141,12 +252,7 @@ class SwinTransformerBlock(nn.Module):
             self.attn_mask: Tensor | None = None
 
     def _attention(self, x: Tensor) -> Tensor:
-        B, L, C = x.shape
-        if self.pad_tokens:
-            x = F.pad(x, (0, 0, 0, 1))  # token L: the zero that padded window slots read
-        x = x.index_select(1, self.window_index).view(B, -1, self.window**2, C)  # shift + pad + partition
-        x = self.attn(x, self.attn_mask)
-        return x.view(B, -1, C).index_select(1, self.token_index)  # merge + crop + shift back
+        return in_windows(x, lambda w: self.attn(w, self.attn_mask), self.window, self.window_index, self.token_index)
 
     def forward(self, x: Tensor) -> Tensor:
         x = x + drop_path(self._attention(self.norm1(x)), self.drop_path, self.training)
@@ -163,15 +269,7 @@ class PatchMerging(nn.Module):
         self.norm = nn.LayerNorm(4 * dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        B, _, C = x.shape
-        H, W = self.resolution
-        x = x.view(B, H, W, C)
-        if H % 2 or W % 2:
-            x = F.pad(x, (0, 0, 0, W % 2, 0, H % 2))
-        Hh, Wh = (H + 1) // 2, (W + 1) // 2
-        # (B, Hh, row, Wh, col, C) -> channel groups ordered col-major: (0,0), (1,0), (0,1), (1,1)
-        x = x.view(B, Hh, 2, Wh, 2, C).permute(0, 1, 3, 4, 2, 5).reshape(B, Hh * Wh, 4 * C)
-        return self.reduction(self.norm(x))
+        return self.reduction(self.norm(merge_neighbours(x, self.resolution)))
 
 
 class BasicLayer(nn.Module):
@@ -187,6 +285,7 @@ class BasicLayer(nn.Module):
         drop: float = 0.0,
         attn_drop: float = 0.0,
         head_dim: int = 32,
+        decouple_qkv: bool = False,
     ) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(
@@ -195,12 +294,13 @@ class BasicLayer(nn.Module):
                 resolution,
                 num_heads[i],
                 windows[i],
-                0 if i % 2 == 0 else windows[i] // 2,
+                block_shift(i, windows[i]),
                 mlp_ratios[i],
                 dpr[i],
                 drop,
                 attn_drop,
                 head_dim,
+                decouple_qkv,
             )
             for i in range(len(dpr))
         )
@@ -224,7 +324,13 @@ def _per_block(value: Any, depth: int, what: str) -> list:
 
 class S3Transformer(nn.Module):
     """The reference `SSSTransformer`; per-stage `num_heads`, `window_sizes`, `mlp_ratios` take a scalar or
-    one value per block (the reference configs list them per block)."""
+    one value per block (the reference configs list them per block).
+
+    Two options the reference lacks, for subnets extracted from S3's supernet (`vitnas.supernet.s3`):
+    `decouple_qkv` lets the q-k-v width (num_heads * head_dim) differ from the stage's embedding dim, and
+    `drop_path_rate` may list one rate per block (the rates the block trained with in the supernet)
+    instead of the top of a linear ramp.
+    """
 
     def __init__(
         self,
@@ -241,7 +347,8 @@ class S3Transformer(nn.Module):
         head_dim: int = 32,
         drop_rate: float = 0.0,
         attn_drop_rate: float = 0.0,
-        drop_path_rate: float = 0.1,
+        drop_path_rate: float | Sequence[float] = 0.1,
+        decouple_qkv: bool = False,
     ) -> None:
         super().__init__()
         n = len(depths)
@@ -261,7 +368,8 @@ class S3Transformer(nn.Module):
             head_dim=head_dim,
             drop_rate=drop_rate,
             attn_drop_rate=attn_drop_rate,
-            drop_path_rate=drop_path_rate,
+            drop_path_rate=drop_path_rate if isinstance(drop_path_rate, (int, float)) else list(drop_path_rate),
+            decouple_qkv=decouple_qkv,
         )
         self.img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
         self.num_classes = num_classes
@@ -283,7 +391,10 @@ class S3Transformer(nn.Module):
         """The stages `config` describes; stochastic depth rises over all blocks (the reference's linspace)."""
         c = self.config
         dims, depths = c["embed_dims"], c["depths"]
-        dpr = torch.linspace(0, c["drop_path_rate"], sum(depths), device="cpu").tolist()
+        rate, n = c["drop_path_rate"], sum(depths)
+        dpr = torch.linspace(0, rate, n, device="cpu").tolist() if isinstance(rate, (int, float)) else rate
+        if len(dpr) != n:
+            raise ValueError(f"drop_path_rate lists {len(dpr)} rates for {n} blocks")
         H, W = self.patch_grid
         layers = nn.ModuleList()
         for i in range(len(depths)):
@@ -299,6 +410,7 @@ class S3Transformer(nn.Module):
                     c["drop_rate"],
                     c["attn_drop_rate"],
                     c["head_dim"],
+                    c["decouple_qkv"],
                 )
             )
             H, W = (H + 1) // 2, (W + 1) // 2
@@ -323,6 +435,58 @@ class S3Transformer(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))
+
+
+# -- analytic costs ----------------------------------------------------------------------------------
+def _stages(config: Mapping[str, Any]) -> list[tuple[int, tuple[int, int], list[tuple[int, int, float]]]]:
+    """Per stage of `S3Transformer(**config)`: (dim, token map, [(heads, window, mlp_ratio) per block])."""
+    img = config.get("img_size", 224)
+    H, W = (img, img) if isinstance(img, int) else tuple(img)
+    p, depths = config.get("patch_size", 4), config["depths"]
+    H, W = H // p, W // p
+    out = []
+    for i, depth in enumerate(depths):
+        per = [_per_block(config[k][i], depth, k) for k in ("num_heads", "window_sizes", "mlp_ratios")]
+        out.append((config["embed_dims"][i], (H, W), list(zip(*per))))
+        H, W = (H + 1) // 2, (W + 1) // 2
+    return out
+
+
+def s3_params(config: Mapping[str, Any]) -> int:
+    """Parameters of `S3Transformer(**config)`, by arithmetic (buffers not counted)."""
+    d, stages = config.get("head_dim", 32), _stages(config)
+    c0, p = config["embed_dims"][0], config.get("patch_size", 4)
+    n = config.get("in_chans", 3) * c0 * p * p + 3 * c0  # patch conv + its bias + LayerNorm
+    for s, (c, res, blocks) in enumerate(stages):
+        for heads, window, ratio in blocks:
+            w, q, m = effective_window(res, window, 0)[0], heads * d, int(c * ratio)
+            n += 4 * c + (2 * w - 1) ** 2 * heads + (c + 1) * 3 * q + (q + 1) * c + (c + 1) * m + (m + 1) * c
+        if s < len(stages) - 1:
+            n += 8 * c + 4 * c * stages[s + 1][0]  # merging LayerNorm(4C) + Linear(4C, C', no bias)
+    c, classes = stages[-1][0], config.get("num_classes", 1000)
+    return n + 2 * c + ((c + 1) * classes if classes > 0 else 0)
+
+
+def s3_macs(config: Mapping[str, Any], img_size: int | None = None) -> int:
+    """Multiply-accumulates of one image through `S3Transformer(**config)` at `img_size` (default: the
+    config's), by arithmetic: what `torch.utils.flop_counter` counts (convs, linears, attention matmuls)
+    halved. q-k-v, attention and the output projection also run on the padded slots of windows that do not
+    tile their map."""
+    if img_size is not None:
+        config = {**config, "img_size": img_size}
+    d, stages = config.get("head_dim", 32), _stages(config)
+    c0, p = config["embed_dims"][0], config.get("patch_size", 4)
+    H, W = stages[0][1]
+    macs = config.get("in_chans", 3) * c0 * p * p * H * W
+    for s, (c, (H, W), blocks) in enumerate(stages):
+        for heads, window, ratio in blocks:
+            w, q, m = effective_window((H, W), window, 0)[0], heads * d, int(c * ratio)
+            slots = -(-H // w) * w * -(-W // w) * w
+            macs += slots * (4 * c * q + 2 * w * w * q) + H * W * 2 * c * m
+        if s < len(stages) - 1:
+            macs += ((H + 1) // 2) * ((W + 1) // 2) * 4 * c * stages[s + 1][0]
+    classes = config.get("num_classes", 1000)
+    return macs + (stages[-1][0] * classes if classes > 0 else 0)
 
 
 # -- registered variants ---------------------------------------------------------------------------

@@ -7,6 +7,8 @@ A spec is plain JSON: `{"kind": ...}` plus what that kind's constructor needs, w
     {"kind": "registry", "name": ..., "kwargs": {...}}     anything `create_model(name, **kwargs)` made
     {"kind": "mbconv_supernet", "space": {...}, "kwargs": {...}}  an MBConvSupernet (Cream) on an MBConvSpace
     {"kind": "cream", "config": {...}}                     a CreamNet (an extracted MBConv subnet)
+    {"kind": "s3_supernet", "space": {...}, "kwargs": {...}}  an S3Supernet (S3 / AutoFormerV2) on an S3Space
+    {"kind": "s3", "config": {...}}                        an S3Transformer (an extracted S3 subnet, S3-T/S/B)
 
 Checkpoints store it under metadata key "model", exported folders under "spec" in config.json; both
 read the same way (`build`), and folders exported before the spec existed are read by `export_spec`.
@@ -26,10 +28,13 @@ from torch import nn
 from vitnas.checkpoint import read_checkpoint
 from vitnas.models.cream import CreamNet
 from vitnas.models.registry import create_model
+from vitnas.models.s3 import S3Transformer
 from vitnas.models.vit import VisionTransformer
 from vitnas.space.mbconv import MBConvSpace
+from vitnas.space.s3 import S3Space
 from vitnas.space.space import SearchSpace
 from vitnas.supernet.mbconv import MBConvSupernet
+from vitnas.supernet.s3 import S3Supernet
 from vitnas.supernet.vit import ViTSupernet
 
 __all__ = ["KINDS", "Kind", "build", "export_spec", "load_model", "spec_of"]
@@ -58,7 +63,20 @@ KINDS: dict[str, Kind] = {
         lambda s: MBConvSupernet(MBConvSpace(**s["space"]), **s["kwargs"]),
     ),
     "cream": Kind(CreamNet, lambda m: {"config": m.config}, lambda s: CreamNet(**s["config"])),
+    "s3_supernet": Kind(
+        S3Supernet,
+        lambda m: {"space": m.space.to_dict(), "kwargs": m.init_kwargs},
+        lambda s: S3Supernet(S3Space(**s["space"]), **s["kwargs"]),
+    ),
+    "s3": Kind(S3Transformer, lambda m: {"config": m.config}, lambda s: _s3_transformer(s["config"])),
 }
+
+
+def _s3_transformer(config: dict[str, Any]) -> S3Transformer:
+    """Built on the CPU even when asked for the meta device (as "registry" models are): its window gathers
+    are non-persistent buffers computed at construction, which loading a state dict would not fill."""
+    with torch.device("cpu"):
+        return S3Transformer(**config)
 
 
 def spec_of(model: nn.Module) -> dict[str, Any]:

@@ -8,16 +8,25 @@ from typing import Any
 from torch import nn
 
 from vitnas.space.mbconv import MBConvSpace
+from vitnas.space.s3 import S3Space
 from vitnas.space.space import SearchSpace
 from vitnas.supernet.mbconv import MBConvSupernet
+from vitnas.supernet.s3 import S3Supernet
 from vitnas.supernet.vit import ViTSupernet
 
-__all__ = ["MBConvSupernet", "ViTSupernet", "build_supernet"]
+__all__ = ["MBConvSupernet", "S3Supernet", "ViTSupernet", "build_supernet"]
 
 
 def build_supernet(
-    space: SearchSpace | MBConvSpace, *, img_size: int, num_classes: int, drop_path_rate: float = 0.0, **kwargs: Any
+    space: SearchSpace | MBConvSpace | S3Space,
+    *,
+    img_size: int,
+    num_classes: int,
+    drop_path_rate: float = 0.0,
+    **kwargs: Any,
 ) -> nn.Module:
-    """The supernet of `space`'s kind: a `ViTSupernet` (AutoFormer / ViTAS) or an `MBConvSupernet` (Cream)."""
-    cls = MBConvSupernet if isinstance(space, MBConvSpace) else ViTSupernet
+    """The supernet of `space`'s kind: a `ViTSupernet` (AutoFormer / ViTAS), an `MBConvSupernet` (Cream) or an
+    `S3Supernet` (S3 / AutoFormerV2)."""
+    kinds = ((MBConvSpace, MBConvSupernet), (S3Space, S3Supernet))
+    cls = next((net for kind, net in kinds if isinstance(space, kind)), ViTSupernet)
     return cls(space, img_size=img_size, num_classes=num_classes, drop_path_rate=drop_path_rate, **kwargs)
