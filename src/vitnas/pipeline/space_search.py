@@ -108,11 +108,15 @@ def _train(cfg: SpaceSearchConfig, it: int, space_yaml: Path, folder: Path, prog
         },
         source=f"search-space iteration {it}",
     )
+    done = folder / "supernet" / "trained.json"  # written once the supernet is finished: nothing to resume
+    if done.is_file():
+        return folder / "supernet" / "last.safetensors"
     trainer = Trainer(
         tcfg, resume=True, progress=(lambda i: progress(f"train {it}", i.step, i.total)) if progress else None
     )
     if not trainer.is_finished():
         trainer.fit()
+    atomic_write_text(done, json.dumps({"step": trainer.step, "space": str(space_yaml)}))
     return trainer.ckpt_path
 
 
