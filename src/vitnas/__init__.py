@@ -8,13 +8,14 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from vitnas.space import ArchConfig, MBConvArch, MBConvSpace, SearchSpace, load_space
+from vitnas.space import ArchConfig, MBConvArch, MBConvSpace, S3Arch, S3Space, SearchSpace, load_space
 
 __version__ = "0.1.0"
 
 _LAZY = {
     "ViTSupernet": "vitnas.supernet",
     "MBConvSupernet": "vitnas.supernet",
+    "S3Supernet": "vitnas.supernet",
     "build_supernet": "vitnas.supernet",
     "VisionTransformer": "vitnas.models",
     "create_model": "vitnas.models",
@@ -24,7 +25,17 @@ _LAZY = {
     "ViTCostModel": "vitnas.costs",
 }
 
-__all__ = ["ArchConfig", "MBConvArch", "MBConvSpace", "SearchSpace", "__version__", "load_space", *_LAZY]
+__all__ = [
+    "ArchConfig",
+    "MBConvArch",
+    "MBConvSpace",
+    "S3Arch",
+    "S3Space",
+    "SearchSpace",
+    "__version__",
+    "load_space",
+    *_LAZY,
+]
 
 
 def __getattr__(name: str) -> Any:
