@@ -10,17 +10,16 @@ conv head and the classifier.
 
 from __future__ import annotations
 
-import json
 import math
 import numbers
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 
-from vitnas.space.yaml_io import check_keys, dump_yaml, load_yaml
+from vitnas.space.base import ArchIO, SpaceIO
 
 __all__ = ["CREAM_OPS", "CREAM_PRE_PROB", "MBConvArch", "MBConvSpace"]
 
@@ -55,7 +54,7 @@ def _seq(value: Any, name: str) -> tuple:
 
 # -- the architecture ------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class MBConvArch:
+class MBConvArch(ArchIO):
     """One subnet: for each searched stage, the op index (into `MBConvSpace.ops`) of each of its layers.
 
     A stage's depth is the length of its tuple, at least 1 (the first layer changes width and stride).
@@ -112,27 +111,6 @@ class MBConvArch:
         except (TypeError, ValueError) as err:
             raise ValueError(f"{source}: {err}") from None
 
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict())
-
-    @classmethod
-    def from_json(cls, text: str) -> MBConvArch:
-        return cls.from_dict(json.loads(text), source="json")
-
-    def to_yaml(self, path: str | Path | None = None) -> str:
-        """Return the YAML text; also write it (atomically) when `path` is given."""
-        return dump_yaml(self.to_dict(), path)
-
-    @classmethod
-    def from_yaml(cls, path: str | Path) -> MBConvArch:
-        """Read the `to_yaml` keys, optionally under a top-level `arch:`."""
-        path = Path(path)
-        data = load_yaml(path)
-        if isinstance(data, Mapping) and "arch" in data:
-            data = data["arch"]
-        check_keys(data, ("stages",), str(path), required=("stages",))
-        return cls.from_dict(data, source=str(path))
-
 
 # -- the space -------------------------------------------------------------------------------------
 def _ops(value: Any) -> tuple[tuple[int, int | float], ...]:
@@ -183,7 +161,7 @@ def _probabilities(value: Any, n: int) -> tuple[float, ...] | None:
 
 
 @dataclass(frozen=True)
-class MBConvSpace:
+class MBConvSpace(SpaceIO):
     """Ops, widths, strides and depths of the searched stages, plus the fixed parts of the network.
 
     Defaults are Cream's 0-600M-FLOPs space (`preset("cream")` adds its sampling probabilities).
@@ -191,6 +169,9 @@ class MBConvSpace:
     may exceed it (Cream's released supernet holds 5 layers in stage 3, the 5th never sampled).
     `op_prob` weighs the ops when sampling (None: uniform, SPOS' 'even').
     """
+
+    arch_type: ClassVar[type] = MBConvArch
+    kind_name: ClassVar[str] = "MBConv space"
 
     ops: tuple[tuple[int, int | float], ...] = CREAM_OPS
     channels: tuple[int, ...] = (24, 40, 80, 96, 192)
@@ -242,52 +223,6 @@ class MBConvSpace:
     @property
     def num_stages(self) -> int:
         return len(self.channels)
-
-    # -- presets and files -------------------------------------------------------------------------
-    @classmethod
-    def preset(cls, name: str) -> MBConvSpace:
-        """`cream` (the reference's 0-600M space at 224 px) or `cream-cifar` (32 px, for CPUs)."""
-        try:
-            return _PRESETS[name]
-        except KeyError:
-            raise ValueError(f"unknown MBConv space preset {name!r}; choose one of {sorted(_PRESETS)}") from None
-
-    @staticmethod
-    def presets() -> list[str]:
-        return sorted(_PRESETS)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {f.name: _lists(getattr(self, f.name)) for f in fields(self)}
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any], *, source: str = "space") -> MBConvSpace:
-        check_keys(data, _space_keys(), source)
-        try:
-            return cls(**data)
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"{source}: {err}") from None
-
-    def to_yaml(self, path: str | Path | None = None) -> str:
-        """Return the YAML text; also write it (atomically) when `path` is given."""
-        return dump_yaml(self.to_dict(), path)
-
-    @classmethod
-    def from_yaml(cls, path: str | Path) -> MBConvSpace:
-        """Read the `to_yaml` keys, optionally under a top-level `space:`."""
-        path = Path(path)
-        data = load_yaml(path)
-        if isinstance(data, Mapping) and "space" in data:
-            data = data["space"]
-        data = dict(check_keys(data, _space_keys(), str(path)))
-        data.setdefault("name", path.stem)
-        return cls.from_dict(data, source=str(path))
-
-    def with_(self, **changes: Any) -> MBConvSpace:
-        return replace(self, **changes)
-
-    def arch_from_dict(self, data: Mapping[str, Any], *, source: str = "arch") -> MBConvArch:
-        """This space's arch type from its dict (search results, checkpoints)."""
-        return MBConvArch.from_dict(data, source=source)
 
     # -- membership --------------------------------------------------------------------------------
     def _shape_violations(self, arch: Any) -> list[str]:
@@ -445,15 +380,6 @@ class MBConvSpace:
         return math.prod(sum(n**d for d in choices) for choices in self.depths)
 
 
-def _lists(value: Any) -> Any:
-    """Tuples (nested) as lists: the plain-JSON form that `MBConvSpace(**d)` reads back."""
-    return [_lists(v) for v in value] if isinstance(value, (tuple, list)) else value
-
-
-def _space_keys() -> tuple[str, ...]:
-    return tuple(f.name for f in fields(MBConvSpace))
-
-
 _PRESETS: dict[str, MBConvSpace] = {
     # Cream's 0-600M FLOPs space (train.yaml, FLOPS_MAXIMUM 600): sta_num [4, 4, 4, 4, 4] at 224 px and
     # PRE_PROB sampling. The reference trains only at full depth; depths 1..4 let search pick shallower
@@ -474,3 +400,5 @@ _PRESETS: dict[str, MBConvSpace] = {
         name="cream-cifar",
     ),
 }
+
+MBConvSpace._presets = _PRESETS

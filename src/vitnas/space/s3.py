@@ -15,18 +15,18 @@ below are ours, built around them (see `_PRESETS`).
 
 from __future__ import annotations
 
-import json
 import math
 import numbers
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 
+from vitnas.space.base import ArchIO, SpaceIO
 from vitnas.space.space import DEPTH_PROB, EMBED_PROB, LAYER_PROB
-from vitnas.space.yaml_io import check_keys, dump_yaml, load_yaml
+from vitnas.space.yaml_io import check_keys
 
 __all__ = ["S3Arch", "S3Space", "BLOCK_DIMS"]
 
@@ -64,7 +64,7 @@ def _is_scalar(value: Any) -> bool:
 
 # -- the architecture ------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class S3Arch:
+class S3Arch(ArchIO):
     """One subnet: per stage its depth and embedding dim, and per block of the stage its MLP ratio, head
     count (q-k-v width = heads * the space's head_dim) and window size.
 
@@ -149,26 +149,6 @@ class S3Arch:
 
         return cls(depths, config["embed_dims"], *(per_block(dim) for dim in BLOCK_DIMS))
 
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict())
-
-    @classmethod
-    def from_json(cls, text: str) -> S3Arch:
-        return cls.from_dict(json.loads(text), source="json")
-
-    def to_yaml(self, path: str | Path | None = None) -> str:
-        """Return the YAML text; also write it (atomically) when `path` is given."""
-        return dump_yaml(self.to_dict(), path)
-
-    @classmethod
-    def from_yaml(cls, path: str | Path) -> S3Arch:
-        """Read the `to_yaml` keys, optionally under a top-level `arch:`."""
-        path = Path(path)
-        data = load_yaml(path)
-        if isinstance(data, Mapping) and "arch" in data:
-            data = data["arch"]
-        return cls.from_dict(data, source=str(path))
-
 
 # -- the space -------------------------------------------------------------------------------------
 _DIMS = ("embed_dims", "depths", *BLOCK_DIMS)  # each a list of per-stage choice lists
@@ -191,7 +171,7 @@ def _pick(rng: np.random.Generator, choices: tuple) -> Any:
 
 
 @dataclass(frozen=True)
-class S3Space:
+class S3Space(SpaceIO):
     """Per-stage choices of every searched dimension, the supernet's capacity and the fixed parts.
 
     Each of `embed_dims`, `depths`, `mlp_ratios`, `num_heads`, `window_sizes` lists one entry per stage: a
@@ -200,6 +180,9 @@ class S3Space:
     the released models (32); `img_size` and `patch_size` are what a supernet on this space is built for.
     Defaults are the `s3-space` preset (wide enough for S3-T, S3-S and S3-B).
     """
+
+    arch_type: ClassVar[type] = S3Arch
+    kind_name: ClassVar[str] = "S3 space"
 
     embed_dims: tuple[tuple[int, ...], ...] = ((64, 96), (128, 192), (320, 384), (640, 768))
     depths: tuple[tuple[int, ...], ...] = ((1, 2), (1, 2), (6, 10, 14, 18, 22, 26, 30), (1, 2))
@@ -254,52 +237,6 @@ class S3Space:
             out.append((side, side))
             side = (side + 1) // 2
         return out
-
-    # -- presets and files -------------------------------------------------------------------------
-    @classmethod
-    def preset(cls, name: str) -> S3Space:
-        """`s3-tiny-space`, `s3-space` (224 px, around the released models) or `s3-cifar` (32 px, CPUs)."""
-        try:
-            return _PRESETS[name]
-        except KeyError:
-            raise ValueError(f"unknown S3 space preset {name!r}; choose one of {sorted(_PRESETS)}") from None
-
-    @staticmethod
-    def presets() -> list[str]:
-        return sorted(_PRESETS)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {f.name: _lists(getattr(self, f.name)) for f in fields(self)}
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any], *, source: str = "space") -> S3Space:
-        check_keys(data, _space_keys(), source)
-        try:
-            return cls(**data)
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"{source}: {err}") from None
-
-    def to_yaml(self, path: str | Path | None = None) -> str:
-        """Return the YAML text; also write it (atomically) when `path` is given."""
-        return dump_yaml(self.to_dict(), path)
-
-    @classmethod
-    def from_yaml(cls, path: str | Path) -> S3Space:
-        """Read the `to_yaml` keys, optionally under a top-level `space:`."""
-        path = Path(path)
-        data = load_yaml(path)
-        if isinstance(data, Mapping) and "space" in data:
-            data = data["space"]
-        data = dict(check_keys(data, _space_keys(), str(path)))
-        data.setdefault("name", path.stem)
-        return cls.from_dict(data, source=str(path))
-
-    def with_(self, **changes: Any) -> S3Space:
-        return replace(self, **changes)
-
-    def arch_from_dict(self, data: Mapping[str, Any], *, source: str = "arch") -> S3Arch:
-        """This space's arch type from its dict (search results, checkpoints)."""
-        return S3Arch.from_dict(data, source=source)
 
     # -- membership --------------------------------------------------------------------------------
     def _outside(self, arch: Any, allowed: Any) -> list[str]:
@@ -530,15 +467,6 @@ class S3Space:
         return total
 
 
-def _lists(value: Any) -> Any:
-    """Tuples (nested) as lists: the plain-JSON form that `S3Space(**d)` reads back."""
-    return [_lists(v) for v in value] if isinstance(value, (tuple, list)) else value
-
-
-def _space_keys() -> tuple[str, ...]:
-    return tuple(f.name for f in fields(S3Space))
-
-
 _PRESETS: dict[str, S3Space] = {
     # Around S3-T (dims 96/192/384/768, heads 3/6/12/24, MLP 4, depths 2/2/6/2, windows 7/7/14/7) at 224 px:
     # narrower and shallower choices next to each of its values; windows 7 or 14 where the map (56, 28, 14)
@@ -569,3 +497,5 @@ _PRESETS: dict[str, S3Space] = {
         name="s3-cifar",
     ),
 }
+
+S3Space._presets = _PRESETS
