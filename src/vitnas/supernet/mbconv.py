@@ -13,9 +13,7 @@ The protocol is `ViTSupernet`'s: `set_active(arch)` / `with net.active(arch):` c
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -35,13 +33,14 @@ from vitnas.models.cream import (
     pooled_head,
 )
 from vitnas.space.mbconv import MBConvArch, MBConvSpace
+from vitnas.supernet.base import ActiveArch
 
 __all__ = ["MBConvSupernet"]
 
 log = logging.getLogger(__name__)
 
 
-class MBConvSupernet(nn.Module):
+class MBConvSupernet(ActiveArch, nn.Module):
     """Single-path supernet over an `MBConvSpace`: one block per (layer, op) pair.
 
     `drop_rate` is the dropout before the classifier; `drop_path_rate` grows linearly over the supernet's
@@ -50,6 +49,8 @@ class MBConvSupernet(nn.Module):
     on. `img_size` (default: the space's) is the input size costs are counted at; the network itself runs
     at any size. `init_kwargs` rebuilds it: `MBConvSupernet(space, **net.init_kwargs)`.
     """
+
+    arch_type = MBConvArch
 
     def __init__(
         self,
@@ -102,36 +103,6 @@ class MBConvSupernet(nn.Module):
         self.conv_head = nn.Conv2d(sp.last_channels, sp.head_channels, 1)
         self.classifier = nn.Linear(sp.head_channels, self.num_classes) if self.num_classes > 0 else nn.Identity()
         init_weights(self)
-
-    # -- the active architecture -------------------------------------------------------------------
-    @property
-    def arch(self) -> MBConvArch:
-        return self._arch
-
-    def check_arch(self, arch: MBConvArch) -> MBConvArch:
-        """`arch`, or an error naming the first way it does not fit the supernet's layers."""
-        if not isinstance(arch, MBConvArch):
-            raise TypeError(f"expected an MBConvArch, got {type(arch).__name__}")
-        problems = self.space.capacity_violations(arch)
-        if problems:
-            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-            raise ValueError(f"arch does not fit the supernet: {problems[0]}{more}")
-        return arch
-
-    def set_active(self, arch: MBConvArch, side: str = "left") -> None:
-        """Run `arch` from now on. `side` (bilateral slicing of weight-entangled supernets) has no meaning
-        here, where every choice owns whole weights; it is accepted so callers need not know the kind."""
-        self._arch = self.check_arch(arch)
-
-    @contextlib.contextmanager
-    def active(self, arch: MBConvArch, side: str = "left") -> Iterator[MBConvSupernet]:
-        """`with net.active(arch): net(x)` runs `arch` and restores the previous arch afterwards."""
-        previous = self._arch
-        self.set_active(arch, side)
-        try:
-            yield self
-        finally:
-            self._arch = previous
 
     # -- forward -----------------------------------------------------------------------------------
     def forward_features(self, x: Tensor) -> Tensor:

@@ -21,9 +21,7 @@ and cached, not stored, so the supernet builds on the meta device and its state 
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -50,6 +48,7 @@ from vitnas.nn.functional import drop_path, mlp
 from vitnas.nn.layers import Mlp
 from vitnas.nn.slicing import slice_qkv
 from vitnas.space.s3 import S3Arch, S3Space
+from vitnas.supernet.base import ActiveArch
 
 __all__ = ["S3Supernet", "crop_position_table"]
 
@@ -139,7 +138,7 @@ def _merge_state(merge: _Merge, c: int, out: int) -> dict[str, Tensor]:
     }
 
 
-class S3Supernet(nn.Module):
+class S3Supernet(ActiveArch, nn.Module):
     """Weight-entangled supernet over an `S3Space`: per stage `max_depths` blocks of the stage's largest
     width, heads, MLP and window; a subnet runs, in each stage, the leading slices of its first `depth`
     blocks and skips the rest.
@@ -150,6 +149,8 @@ class S3Supernet(nn.Module):
     `img_size` (default: the space's): windows are clipped to the maps at that size. `init_kwargs`
     rebuilds it: `S3Supernet(space, **net.init_kwargs)`.
     """
+
+    arch_type = S3Arch
 
     def __init__(
         self,
@@ -211,36 +212,6 @@ class S3Supernet(nn.Module):
 
     def no_weight_decay_keywords(self) -> set[str]:
         return {"relative_position_bias_table"}
-
-    # -- the active architecture -------------------------------------------------------------------
-    @property
-    def arch(self) -> S3Arch:
-        return self._arch
-
-    def check_arch(self, arch: S3Arch) -> S3Arch:
-        """`arch`, or an error naming the first way it does not fit the supernet's weights."""
-        if not isinstance(arch, S3Arch):
-            raise TypeError(f"expected an S3Arch, got {type(arch).__name__}")
-        problems = self.space.capacity_violations(arch)
-        if problems:
-            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-            raise ValueError(f"arch does not fit the supernet: {problems[0]}{more}")
-        return arch
-
-    def set_active(self, arch: S3Arch, side: str = "left") -> None:
-        """Run `arch` from now on. `side` (bilateral slicing) is accepted so callers need not know the kind;
-        S3 subnets always take the leading slices."""
-        self._arch = self.check_arch(arch)
-
-    @contextlib.contextmanager
-    def active(self, arch: S3Arch, side: str = "left") -> Iterator[S3Supernet]:
-        """`with net.active(arch): net(x)` runs `arch` and restores the previous arch afterwards."""
-        previous = self._arch
-        self.set_active(arch, side)
-        try:
-            yield self
-        finally:
-            self._arch = previous
 
     # -- windows -----------------------------------------------------------------------------------
     def _window(self, stage: int, index: int, window: int, device: torch.device) -> tuple:
