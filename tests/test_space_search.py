@@ -68,18 +68,9 @@ def _config(tmp_path, out: str, **kw):
 
     train = dict(recipe="digits", val_per_class=10, batch_size=64, lr=1e-2, warmup_epochs=0.2, drop_path=0.0)
     train.update(threads=1, deterministic=True)
+    settings = dict(iterations=2, epochs=1, finetune_epochs=1, samples=10, top_k=3, min_t=0.5)
     return SpaceSearchConfig(
-        out_dir=str(tmp_path / out),
-        space="digits",
-        dims=["embed_dim", "depth"],
-        iterations=2,
-        epochs=1,
-        finetune_epochs=1,
-        samples=10,
-        top_k=3,
-        min_t=0.5,
-        train=train,
-        **kw,
+        out_dir=str(tmp_path / out), space="digits", dims=["embed_dim", "depth"], train=train, **{**settings, **kw}
     )
 
 
@@ -151,3 +142,17 @@ def test_space_search_on_the_s3_space(tmp_path):
         second["num_heads.2"],
     ]
     assert final.max_embed_dims[2] == 128 and final.embed_dims[0] == (16, 24)  # capacity = grid top; others kept
+
+
+def test_a_sample_line_cut_by_a_kill_is_scored_again(tmp_path):
+    """kill -9 can stop a run mid-line in samples.jsonl: the cut line is dropped and that arch scored again."""
+    from vitnas.pipeline.space_search import run_space_search
+
+    full = run_space_search(_config(tmp_path, "full", iterations=1))
+    samples = tmp_path / "full" / "iter_0" / "samples.jsonl"
+    lines = samples.read_text().splitlines()
+    samples.write_text("\n".join(lines[:3]) + "\n" + lines[3][:25])  # three whole lines and a cut one
+    (tmp_path / "full" / "iter_0" / "result.json").unlink()
+    again = run_space_search(_config(tmp_path, "full", iterations=1))
+    assert again["iterations"] == full["iterations"]
+    assert samples.read_text().splitlines() == lines

@@ -27,6 +27,7 @@ from vitnas.models.spec import load_model
 from vitnas.report import plot_space_search
 from vitnas.search import Constraints
 from vitnas.search.evaluator import SupernetEvaluator
+from vitnas.search.run import load_candidates
 from vitnas.search.space_search import et_error, grid_around, shift_ranges
 from vitnas.space import load_space
 from vitnas.space.yaml_io import load_yaml
@@ -143,7 +144,9 @@ def _score(cfg: SpaceSearchConfig, it: int, ckpt: Path, folder: Path, progress: 
         if constraints.satisfied({k: costs[k](arch) for k in constraints.windows}):
             archs.setdefault(arch.key(), arch)
     path = folder / "samples.jsonl"
-    rows = [json.loads(line) for line in path.open()] if path.is_file() else []
+    rows = load_candidates(path)  # a line cut by kill -9 is dropped (that arch is scored again)
+    if path.is_file():
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
     order = list(archs.values())
     if [r["key"] for r in rows] != [a.key() for a in order[: len(rows)]]:
         raise ValueError(f"{path}: holds other samples than this run draws (changed settings?); use another out_dir")
