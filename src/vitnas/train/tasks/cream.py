@@ -204,8 +204,8 @@ class CreamTask(SupernetTask):
             metrics["meta_updates"] = float(self.meta_updates)
         teacher_probs, m = None, None
         if distil:
-            m, entry = match_teacher(model, self.meta, board, arch, pick=cfg.pick)
-            m = m.detach()
+            with torch.no_grad():  # the step's loss sees m as a constant: the meta network learns by look-ahead only
+                m, entry = match_teacher(model, self.meta, board, arch, pick=cfg.pick)
             with torch.no_grad(), model.active(entry.arch), ctx.autocast():
                 teacher_probs = F.softmax(model(batch.images).float(), dim=-1)
             metrics["m"] = float(m)
