@@ -131,6 +131,7 @@ def main() -> None:
     p.add_argument("--space", default="cream-cifar", help="space preset or YAML (cream-cifar, or the ViT 'cifar')")
     p.add_argument("--epochs", type=int, default=6, help="supernet training epochs (both methods)")
     p.add_argument("--seeds", type=int, default=2, help="seeds per method")
+    p.add_argument("--first-seed", type=int, default=0, help="seeds run are first-seed .. first-seed + seeds - 1")
     p.add_argument("--batch-size", type=int, default=128, help="training batch")
     p.add_argument(
         "--lr", type=float, default=2e-2, help="peak lr at a batch of 512 (AdamW; MBConv nets want ~5x a ViT lr)"
@@ -154,7 +155,7 @@ def main() -> None:
         lo, hi = (net.num_macs(a) / 1e6 for a in (net.space.smallest(), net.space.largest()))
         window = [round(lo + (hi - lo) / 4, 2), round(hi - (hi - lo) / 4, 2)]
     rows: dict[str, list[dict]] = {"spos": [], "cream": []}
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         data = load_data(args.data_path, img_size=32, val_per_class=100, seed=seed)
         for method, name in (("supernet", "spos"), ("cream", "cream")):
             ckpt, seconds = fit(train_cfg(args, method, seed, window), data)
