@@ -45,7 +45,8 @@ class ArchIO:
 
 
 class SpaceIO:
-    """Presets and the dict / YAML forms of a space kind (a frozen dataclass whose fields are its keys)."""
+    """Presets, the dict / YAML forms and membership checks of a space kind (a frozen dataclass whose fields
+    are its keys, with `violations(arch)`)."""
 
     _presets: ClassVar[dict[str, Any]] = {}
     arch_type: ClassVar[type] = object
@@ -94,6 +95,22 @@ class SpaceIO:
 
     def with_(self, **changes: Any) -> Any:
         return replace(self, **changes)
+
+    def contains(self, arch: Any) -> bool:
+        return not self.violations(arch)
+
+    def __contains__(self, arch: object) -> bool:
+        return isinstance(arch, self.arch_type) and self.contains(arch)
+
+    def check_arch(self, arch: Any, *, source: str | Path | None = None) -> Any:
+        """Return `arch` or raise ValueError naming the first violation (and `source`, the file the arch
+        came from)."""
+        problems = self.violations(arch)
+        if problems:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            where = f"{source}: " if source is not None else ""
+            raise ValueError(f"{where}arch outside search space {self.name!r}: {problems[0]}{more}")
+        return arch
 
     def arch_from_dict(self, data: Mapping[str, Any], *, source: str = "arch") -> Any:
         """This space's arch type from its dict (search results, checkpoints)."""

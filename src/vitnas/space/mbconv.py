@@ -14,7 +14,6 @@ import math
 import numbers
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -247,22 +246,6 @@ class MBConvSpace(SpaceIO):
             if len(stage) not in choices:
                 out.append(f"stages[{i}] has depth {len(stage)}, not one of the allowed choices {list(choices)}")
         return out
-
-    def contains(self, arch: MBConvArch) -> bool:
-        return not self.violations(arch)
-
-    def __contains__(self, arch: object) -> bool:
-        return isinstance(arch, MBConvArch) and self.contains(arch)
-
-    def check_arch(self, arch: MBConvArch, *, source: str | Path | None = None) -> MBConvArch:
-        """Return `arch` or raise ValueError naming the first violation (and `source`, the file the arch
-        came from)."""
-        problems = self.violations(arch)
-        if problems:
-            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-            where = f"{source}: " if source is not None else ""
-            raise ValueError(f"{where}arch outside search space {self.name!r}: {problems[0]}{more}")
-        return arch
 
     def capacity_violations(self, arch: MBConvArch) -> list[str]:
         """Ways `arch` does not fit the supernet's layers (looser than `violations`: any depth up to

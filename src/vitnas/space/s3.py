@@ -19,7 +19,6 @@ import math
 import numbers
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -267,22 +266,6 @@ class S3Space(SpaceIO):
             return None if v in choices else f"is not one of the allowed choices {list(choices)}"
 
         return self._outside(arch, allowed)
-
-    def contains(self, arch: S3Arch) -> bool:
-        return not self.violations(arch)
-
-    def __contains__(self, arch: object) -> bool:
-        return isinstance(arch, S3Arch) and self.contains(arch)
-
-    def check_arch(self, arch: S3Arch, *, source: str | Path | None = None) -> S3Arch:
-        """Return `arch` or raise ValueError naming the first violation (and `source`, the file the arch
-        came from)."""
-        problems = self.violations(arch)
-        if problems:
-            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-            where = f"{source}: " if source is not None else ""
-            raise ValueError(f"{where}arch outside search space {self.name!r}: {problems[0]}{more}")
-        return arch
 
     def capacity_violations(self, arch: S3Arch) -> list[str]:
         """Ways `arch` does not fit the supernet's weights (looser than `violations`: any value up to the
