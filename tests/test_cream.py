@@ -241,50 +241,18 @@ def test_cli_space_and_costs_take_the_mbconv_space(tmp_path, capsys):
 @pytest.mark.parametrize("name", ["evolution", "nsga2", "predictor-evolution"])
 def test_every_strategy_searches_and_resumes_on_the_mbconv_space(tmp_path, name):
     """Strategies know the space only through its protocol (sample / mutate / crossover / genome / features)."""
-    from vitnas.search import Constraints, build_strategy, run_search
+    from _search_protocol import check_search_and_resume
     from vitnas.space import MBConvSpace
 
     space = MBConvSpace.preset("cream-cifar")
     net = build_supernet_meta(space)
-    costs = {"params": net.num_params, "macs": net.num_macs}
-    window = Constraints.from_dict({"macs": [None, 3.0e6]})
 
     def accuracy(arch):  # deeper and wider kernels score higher, penalised by MACs
         k = sum(space.ops[o][0] for s in arch.stages for o in s)
         return {"top1": 50 + k / 3 - net.num_macs(arch) / 2e5, "loss": 1.0}
 
-    def search(out, evaluate):
-        strategy = build_strategy(
-            name,
-            space,
-            feasible=lambda a: net.num_macs(a) <= 3.0e6,
-            cost=net.num_macs,
-            seed=0,
-            generations=3,
-            population=12,
-            parents=4,
-            mutations=6,
-            crossovers=4,
-        )
-        return run_search(strategy, evaluate, costs=costs, constraints=window, out_dir=out, resume=True)
-
-    full = search(tmp_path / "full", accuracy)
-    calls = []
-
-    def crashing(arch):
-        calls.append(arch)
-        if len(calls) == 20:
-            raise KeyboardInterrupt
-        return accuracy(arch)
-
-    with pytest.raises(KeyboardInterrupt):
-        search(tmp_path / "part", crashing)
-    resumed = search(tmp_path / "part", accuracy)
-    assert [r["key"] for r in resumed.candidates] == [r["key"] for r in full.candidates]
-    assert len(full.candidates) > 20 and all(r["macs"] <= 3.0e6 for r in full.candidates)
-    assert all(space.contains(space.arch_from_dict(r["arch"])) for r in full.candidates)
+    full = check_search_and_resume(tmp_path, name, space, net, accuracy, max_macs=3.0e6, crash_at=20)
     assert full.best["top1"] > np.median([r["top1"] for r in full.candidates])
-    assert space.arch_from_dict(MBConvArch_from_yaml(tmp_path / "full" / "best.yaml")).key() == full.best["key"]
 
 
 def build_supernet_meta(space):
@@ -292,9 +260,3 @@ def build_supernet_meta(space):
 
     with torch.device("meta"):
         return build_supernet(space, img_size=space.img_size, num_classes=10)
-
-
-def MBConvArch_from_yaml(path):  # noqa: N802
-    from vitnas.space import MBConvArch
-
-    return MBConvArch.from_yaml(path).to_dict()

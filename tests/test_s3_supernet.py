@@ -359,45 +359,13 @@ def test_genome_and_features(name):
 @pytest.mark.parametrize("name", ["evolution", "random", "nsga2", "predictor-evolution"])
 def test_every_strategy_searches_and_resumes_on_the_s3_space(tmp_path, name):
     """Strategies know the space only through its protocol (sample / mutate / crossover / genome / features)."""
-    from vitnas.search import Constraints, build_strategy, run_search
+    from _search_protocol import check_search_and_resume
 
     space = S3Space.preset("s3-cifar")
     with torch.device("meta"):
         net = build_supernet(space, img_size=32, num_classes=10)
-    costs = {"params": net.num_params, "macs": net.num_macs}
-    limit = 9.0e6  # about 3 in 4 archs
 
     def accuracy(arch):  # wider and deeper scores higher, penalised by MACs
         return {"top1": 40 + sum(arch.embed_dims) / 10 + arch.depth - net.num_macs(arch) / 1e6, "loss": 1.0}
 
-    def search(out, evaluate):
-        kwargs = dict(parents=4, mutations=6, crossovers=4) if "evolution" in name else {}
-        strategy = build_strategy(
-            name,
-            space,
-            feasible=lambda a: net.num_macs(a) <= limit,
-            cost=net.num_macs,
-            seed=0,
-            generations=3,
-            population=12,
-            **kwargs,
-        )
-        window = Constraints.from_dict({"macs": [None, limit]})
-        return run_search(strategy, evaluate, costs=costs, constraints=window, out_dir=out, resume=True)
-
-    full = search(tmp_path / "full", accuracy)
-    calls = []
-
-    def crashing(arch):
-        calls.append(arch)
-        if len(calls) == 15:
-            raise KeyboardInterrupt
-        return accuracy(arch)
-
-    with pytest.raises(KeyboardInterrupt):
-        search(tmp_path / "part", crashing)
-    resumed = search(tmp_path / "part", accuracy)
-    assert [r["key"] for r in resumed.candidates] == [r["key"] for r in full.candidates]
-    assert len(full.candidates) > 15 and all(r["macs"] <= limit for r in full.candidates)
-    assert all(space.contains(space.arch_from_dict(r["arch"])) for r in full.candidates)
-    assert S3Arch.from_yaml(tmp_path / "full" / "best.yaml").key() == full.best["key"]
+    check_search_and_resume(tmp_path, name, space, net, accuracy, max_macs=9.0e6, crash_at=15)  # ~3 in 4 archs fit
