@@ -5,14 +5,45 @@ forms. A kind is a frozen dataclass that mixes these in and names its presets (`
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+import numbers
+from collections.abc import Iterable, Mapping
 from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
 from vitnas.space.yaml_io import check_keys, dump_yaml, load_yaml
 
-__all__ = ["ArchIO", "SpaceIO", "plain_lists"]
+__all__ = ["ArchIO", "SpaceIO", "as_int", "as_number", "as_tuple", "plain_lists"]
+
+
+def as_int(value: Any, name: str, *, low: int) -> int:
+    """An integer >= `low`; numpy integers (what `rng.choice` returns) count as integers."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or int(value) != value or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    return int(value)
+
+
+def as_number(value: Any, name: str) -> int | float:
+    """A positive number, kept an int when it is one (so YAML shows 4, not 4.0, and keys are canonical)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
+    return int(value) if int(value) == value else float(value)
+
+
+def as_tuple(value: Any, name: str) -> tuple:
+    """A list-like value as a tuple (not a string or a mapping)."""
+    if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Iterable):
+        raise ValueError(f"{name} must be a list, got {value!r}")
+    return tuple(value)
+
+
+def _read_yaml(path: str | Path, section: str) -> tuple[Path, Any]:
+    """A YAML file's content, taken from under a top-level `section:` when it has one."""
+    path = Path(path)
+    data = load_yaml(path)
+    if isinstance(data, Mapping) and section in data:
+        data = data[section]
+    return path, data
 
 
 def plain_lists(value: Any) -> Any:
@@ -37,10 +68,7 @@ class ArchIO:
     @classmethod
     def from_yaml(cls, path: str | Path) -> Any:
         """Read the `to_dict` keys, optionally under a top-level `arch:`."""
-        path = Path(path)
-        data = load_yaml(path)
-        if isinstance(data, Mapping) and "arch" in data:
-            data = data["arch"]
+        path, data = _read_yaml(path, "arch")
         return cls.from_dict(data, source=str(path))
 
 
@@ -85,10 +113,7 @@ class SpaceIO:
     @classmethod
     def from_yaml(cls, path: str | Path) -> Any:
         """Read the `to_yaml` keys, optionally under a top-level `space:`."""
-        path = Path(path)
-        data = load_yaml(path)
-        if isinstance(data, Mapping) and "space" in data:
-            data = data["space"]
+        path, data = _read_yaml(path, "space")
         data = dict(check_keys(data, cls.keys(), str(path)))
         data.setdefault("name", path.stem)
         return cls.from_dict(data, source=str(path))

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
 
-from vitnas.space.base import ArchIO, SpaceIO
+from vitnas.space.base import ArchIO, SpaceIO, as_int, as_number, as_tuple
 
 __all__ = ["CREAM_OPS", "CREAM_PRE_PROB", "MBConvArch", "MBConvSpace"]
 
@@ -29,26 +29,6 @@ CREAM_PRE_PROB = (0.05, 0.2, 0.05, 0.5, 0.05, 0.15)
 
 LAYER_PROB = 0.2  # each layer's op
 DEPTH_PROB = 0.4  # one stage's depth
-
-
-def _int(value: Any, name: str, *, low: int = 0) -> int:
-    """An integer >= `low`; numpy integers (what `rng.choice` returns) count as integers."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or int(value) != value or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-    return int(value)
-
-
-def _number(value: Any, name: str) -> int | float:
-    """A positive number, kept an int when it is one (so YAML shows 4, not 4.0)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:
-        raise ValueError(f"{name} must be a positive number, got {value!r}")
-    return int(value) if int(value) == value else float(value)
-
-
-def _seq(value: Any, name: str) -> tuple:
-    if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Iterable):
-        raise ValueError(f"{name} must be a list, got {value!r}")
-    return tuple(value)
 
 
 # -- the architecture ------------------------------------------------------------------------------
@@ -64,15 +44,15 @@ class MBConvArch(ArchIO):
     kind: ClassVar[str] = "mbconv"
 
     def __post_init__(self) -> None:
-        stages = _seq(self.stages, "stages")
+        stages = as_tuple(self.stages, "stages")
         if not stages:
             raise ValueError("stages must hold at least one stage")
         out = []
         for i, stage in enumerate(stages):
-            ops = _seq(stage, f"stages[{i}]")
+            ops = as_tuple(stage, f"stages[{i}]")
             if not ops:
                 raise ValueError(f"stages[{i}] is empty; every stage needs at least one layer")
-            out.append(tuple(_int(op, f"stages[{i}][{j}]") for j, op in enumerate(ops)))
+            out.append(tuple(as_int(op, f"stages[{i}][{j}]", low=0) for j, op in enumerate(ops)))
         object.__setattr__(self, "stages", tuple(out))
 
     @property
@@ -113,18 +93,18 @@ class MBConvArch(ArchIO):
 
 # -- the space -------------------------------------------------------------------------------------
 def _ops(value: Any) -> tuple[tuple[int, int | float], ...]:
-    ops = _seq(value, "ops")
+    ops = as_tuple(value, "ops")
     if not ops:
         raise ValueError("ops must hold at least one (kernel, expansion) pair")
     out = []
     for i, op in enumerate(ops):
-        pair = _seq(op, f"ops[{i}]")
+        pair = as_tuple(op, f"ops[{i}]")
         if len(pair) != 2:
             raise ValueError(f"ops[{i}] must be a (kernel, expansion) pair, got {op!r}")
-        k = _int(pair[0], f"ops[{i}] kernel", low=1)
+        k = as_int(pair[0], f"ops[{i}] kernel", low=1)
         if k % 2 == 0:
             raise ValueError(f"ops[{i}] kernel must be odd (symmetric padding), got {k}")
-        out.append((k, _number(pair[1], f"ops[{i}] expansion")))
+        out.append((k, as_number(pair[1], f"ops[{i}] expansion")))
     if len(set(out)) != len(out):
         raise ValueError(f"ops contain duplicates: {out}")
     return tuple(out)
@@ -134,10 +114,10 @@ def _depth_choices(value: Any, name: str) -> tuple[int, ...]:
     """One stage's allowed depths: a number or a list, sorted, each >= 1."""
     if isinstance(value, numbers.Real) and not isinstance(value, bool):
         value = (value,)
-    choices = _seq(value, name)
+    choices = as_tuple(value, name)
     if not choices:
         raise ValueError(f"{name} must list at least one depth")
-    out = tuple(sorted({_int(d, f"{name} choices", low=1) for d in choices}))
+    out = tuple(sorted({as_int(d, f"{name} choices", low=1) for d in choices}))
     if len(out) != len(choices):
         raise ValueError(f"{name} contains duplicates: {list(choices)}")
     return out
@@ -146,7 +126,7 @@ def _depth_choices(value: Any, name: str) -> tuple[int, ...]:
 def _probabilities(value: Any, n: int) -> tuple[float, ...] | None:
     if value is None:
         return None
-    probs = _seq(value, "op_prob")
+    probs = as_tuple(value, "op_prob")
     if len(probs) != n:
         raise ValueError(f"op_prob has {len(probs)} entries, expected one per op ({n})")
     out = []
@@ -189,21 +169,21 @@ class MBConvSpace(SpaceIO):
     def __post_init__(self) -> None:
         set_ = object.__setattr__
         set_(self, "ops", _ops(self.ops))
-        channels = tuple(_int(c, f"channels[{i}]", low=1) for i, c in enumerate(_seq(self.channels, "channels")))
+        channels = tuple(as_int(c, f"channels[{i}]", low=1) for i, c in enumerate(as_tuple(self.channels, "channels")))
         if not channels:
             raise ValueError("channels must name at least one searched stage")
         n = len(channels)
-        strides = tuple(_int(s, f"strides[{i}]", low=1) for i, s in enumerate(_seq(self.strides, "strides")))
-        depths = tuple(_depth_choices(d, f"depths[{i}]") for i, d in enumerate(_seq(self.depths, "depths")))
+        strides = tuple(as_int(s, f"strides[{i}]", low=1) for i, s in enumerate(as_tuple(self.strides, "strides")))
+        depths = tuple(_depth_choices(d, f"depths[{i}]") for i, d in enumerate(as_tuple(self.depths, "depths")))
         for name, value in (("strides", strides), ("depths", depths)):
             if len(value) != n:
                 raise ValueError(f"{name} has {len(value)} stages, channels has {n}")
         if any(s not in (1, 2) for s in strides):
             raise ValueError(f"strides must be 1 or 2, got {list(strides)}")
-        caps = tuple(max(d) for d in depths) if self.max_depths is None else _seq(self.max_depths, "max_depths")
+        caps = tuple(max(d) for d in depths) if self.max_depths is None else as_tuple(self.max_depths, "max_depths")
         if len(caps) != n:
             raise ValueError(f"max_depths has {len(caps)} stages, channels has {n}")
-        caps = tuple(_int(c, f"max_depths[{i}]", low=1) for i, c in enumerate(caps))
+        caps = tuple(as_int(c, f"max_depths[{i}]", low=1) for i, c in enumerate(caps))
         for i, (cap, choices) in enumerate(zip(caps, depths)):
             if cap < max(choices):
                 raise ValueError(f"max_depths[{i}]={cap} is smaller than the largest depths[{i}] choice {max(choices)}")
@@ -212,7 +192,7 @@ class MBConvSpace(SpaceIO):
         set_(self, "depths", depths)
         set_(self, "max_depths", caps)
         for name in ("stem_channels", "stage0_channels", "last_channels", "head_channels", "img_size"):
-            set_(self, name, _int(getattr(self, name), name, low=1))
+            set_(self, name, as_int(getattr(self, name), name, low=1))
         se = self.se_ratio
         if isinstance(se, bool) or not isinstance(se, numbers.Real) or not 0 <= se <= 1:
             raise ValueError(f"se_ratio must be a number in [0, 1] (0: no squeeze-excite), got {se!r}")

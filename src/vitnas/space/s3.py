@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from vitnas.space.base import ArchIO, SpaceIO
+from vitnas.space.base import ArchIO, SpaceIO, as_int, as_number, as_tuple
 from vitnas.space.space import DEPTH_PROB, EMBED_PROB, LAYER_PROB
 from vitnas.space.yaml_io import check_keys
 
@@ -33,28 +33,8 @@ BLOCK_DIMS = ("mlp_ratios", "num_heads", "window_sizes")  # chosen per block; de
 _ARCH_KEYS = ("depths", "embed_dims", *BLOCK_DIMS)
 
 
-def _int(value: Any, name: str, *, low: int = 1) -> int:
-    """An integer >= `low`; numpy integers count as integers."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or int(value) != value or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-    return int(value)
-
-
-def _number(value: Any, name: str) -> int | float:
-    """A positive number, kept an int when it is one (so YAML shows 4, not 4.0, and keys are canonical)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:
-        raise ValueError(f"{name} must be a positive number, got {value!r}")
-    return int(value) if int(value) == value else float(value)
-
-
 def _value(dim: str, value: Any, name: str) -> int | float:
-    return _number(value, name) if dim == "mlp_ratios" else _int(value, name)
-
-
-def _seq(value: Any, name: str) -> tuple:
-    if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Iterable):
-        raise ValueError(f"{name} must be a list, got {value!r}")
-    return tuple(value)
+    return as_number(value, name) if dim == "mlp_ratios" else as_int(value, name, low=1)
 
 
 def _is_scalar(value: Any) -> bool:
@@ -80,21 +60,23 @@ class S3Arch(ArchIO):
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
-        depths = tuple(_int(d, f"depths[{i}]") for i, d in enumerate(_seq(self.depths, "depths")))
+        depths = tuple(as_int(d, f"depths[{i}]", low=1) for i, d in enumerate(as_tuple(self.depths, "depths")))
         if not depths:
             raise ValueError("depths must hold at least one stage")
-        embeds = tuple(_int(e, f"embed_dims[{i}]") for i, e in enumerate(_seq(self.embed_dims, "embed_dims")))
+        embeds = tuple(
+            as_int(e, f"embed_dims[{i}]", low=1) for i, e in enumerate(as_tuple(self.embed_dims, "embed_dims"))
+        )
         if len(embeds) != len(depths):
             raise ValueError(f"embed_dims has {len(embeds)} stages, depths has {len(depths)}")
         set_(self, "depths", depths)
         set_(self, "embed_dims", embeds)
         for dim in BLOCK_DIMS:
-            stages = _seq(getattr(self, dim), dim)
+            stages = as_tuple(getattr(self, dim), dim)
             if len(stages) != len(depths):
                 raise ValueError(f"{dim} has {len(stages)} stages, depths has {len(depths)}")
             out = []
             for i, (stage, depth) in enumerate(zip(stages, depths)):
-                values = (stage,) * depth if _is_scalar(stage) else _seq(stage, f"{dim}[{i}]")
+                values = (stage,) * depth if _is_scalar(stage) else as_tuple(stage, f"{dim}[{i}]")
                 if len(values) != depth:
                     raise ValueError(f"{dim}[{i}] has {len(values)} values for a stage of depth {depth}")
                 out.append(tuple(_value(dim, v, f"{dim}[{i}][{j}]") for j, v in enumerate(values)))
@@ -155,7 +137,7 @@ _DIMS = ("embed_dims", "depths", *BLOCK_DIMS)  # each a list of per-stage choice
 
 def _stage_choices(dim: str, value: Any, name: str) -> tuple:
     """One stage's choices: a number or a list, sorted, without duplicates."""
-    values = (value,) if _is_scalar(value) else _seq(value, name)
+    values = (value,) if _is_scalar(value) else as_tuple(value, name)
     if not values:
         raise ValueError(f"{name} must list at least one choice")
     out = tuple(sorted({_value(dim, v, f"{name} choices") for v in values}))
@@ -200,17 +182,17 @@ class S3Space(SpaceIO):
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
-        n = len(_seq(self.embed_dims, "embed_dims"))
+        n = len(as_tuple(self.embed_dims, "embed_dims"))
         if n == 0:
             raise ValueError("embed_dims must list at least one stage")
         for dim in _DIMS:
-            stages = _seq(getattr(self, dim), dim)
+            stages = as_tuple(getattr(self, dim), dim)
             if len(stages) != n:
                 raise ValueError(f"{dim} has {len(stages)} stages, embed_dims has {n}")
             choices = tuple(_stage_choices(dim, c, f"{dim}[{i}]") for i, c in enumerate(stages))
             set_(self, dim, choices)
             cap_name, cap = f"max_{dim}", getattr(self, f"max_{dim}")
-            caps = tuple(max(c) for c in choices) if cap is None else _seq(cap, cap_name)
+            caps = tuple(max(c) for c in choices) if cap is None else as_tuple(cap, cap_name)
             if len(caps) != n:
                 raise ValueError(f"{cap_name} has {len(caps)} stages, embed_dims has {n}")
             caps = tuple(_value(dim, c, f"{cap_name}[{i}]") for i, c in enumerate(caps))
@@ -219,7 +201,7 @@ class S3Space(SpaceIO):
                     raise ValueError(f"{cap_name}[{i}]={c} is smaller than the largest {dim}[{i}] choice {max(ch)}")
             set_(self, cap_name, caps)
         for name in ("head_dim", "img_size", "patch_size"):
-            set_(self, name, _int(getattr(self, name), name))
+            set_(self, name, as_int(getattr(self, name), name, low=1))
         if self.patch_size > self.img_size:
             raise ValueError(f"patch_size {self.patch_size} is larger than img_size {self.img_size}")
 
