@@ -61,11 +61,26 @@ def _normalized(
         yield eval_transform(images.to(device), img_size, norm), labels.to(device)
 
 
+def _tracked_batchnorms(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+
+
 def calibration_batches(
-    split: Split, images: int, *, img_size: int, norm: AugmentConfig, batch_size: int = 64, device="cpu", seed: int = 0
-) -> list[torch.Tensor]:
+    split: Split,
+    images: int,
+    *,
+    img_size: int,
+    norm: AugmentConfig,
+    batch_size: int = 64,
+    device="cpu",
+    seed: int = 0,
+    model: nn.Module | None = None,
+) -> list[torch.Tensor] | None:
     """`images` seeded training images, normalized as for evaluation, in batches: what BatchNorm statistics of
-    one path of a weight-sharing supernet are re-estimated on (`recalibrated_batchnorm`)."""
+    one path of a weight-sharing supernet are re-estimated on (`recalibrated_batchnorm`). None when `model`
+    is given and has no BatchNorm statistics to re-estimate (ViT supernets)."""
+    if model is not None and not _tracked_batchnorms(model):
+        return None
     n = min(images, len(split))
     idx = np.sort(np.random.default_rng([seed, 4099]).choice(len(split), size=n, replace=False))
     return [x for x, _ in _normalized(split.subset(idx), img_size, norm, batch_size, device)]
@@ -77,7 +92,7 @@ def recalibrated_batchnorm(model: nn.Module, batches: list[torch.Tensor] | None)
     path it runs now, the rest of the model in eval mode; every statistic restored after. A supernet's BN
     statistics mix all the paths trained, so a path is scored on its own (as SPOS does). A no-op without
     BatchNorm layers or batches."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    bns = _tracked_batchnorms(model)
     if not bns or not batches:
         yield
         return

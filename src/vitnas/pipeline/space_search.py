@@ -17,11 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from vitnas._config import check_fields, check_range
 from vitnas._io import atomic_write_text
-from vitnas.data import AugmentConfig
+from vitnas.data import AugmentConfig, load_data_of
 from vitnas.evaluation import calibration_batches
 from vitnas.models.spec import load_model
 from vitnas.report import plot_space_search
@@ -125,13 +124,10 @@ def _score(cfg: SpaceSearchConfig, it: int, ckpt: Path, folder: Path, progress: 
     """`samples` seeded feasible archs of the space, scored with inherited weights; rows append to
     samples.jsonl as they are scored, so a rerun scores only the rest."""
     supernet, meta = load_model(ckpt)
-    from vitnas.data import load_data_of
-
     data = load_data_of(meta, source=str(ckpt))
     norm = AugmentConfig.from_dict(meta["norm"])
     img = meta["img_size"]
-    has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in supernet.modules())
-    calib = calibration_batches(data.train, 256, img_size=img, norm=norm) if has_bn else None
+    calib = calibration_batches(data.train, 256, img_size=img, norm=norm, model=supernet)
     evaluator = SupernetEvaluator(supernet, data.val, img_size=img, norm=norm, calibration=calib)
     constraints = Constraints.from_dict(cfg.constraints)
     costs = {"params": supernet.num_params, "macs": supernet.num_macs}

@@ -142,10 +142,14 @@ def search_stage(run: Run) -> None:
     t = time.perf_counter()
     _costs(run)
     scfg, space, tcfg = run.search, run.supernet.space, run.meta["config"]
-    if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in run.supernet.modules()):
-        run.calibration = calibration_batches(
-            run.data.train, scfg.bn_calibration, img_size=run.meta["img_size"], norm=run.norm, device=run.device
-        )
+    run.calibration = calibration_batches(
+        run.data.train,
+        scfg.bn_calibration,
+        img_size=run.meta["img_size"],
+        norm=run.norm,
+        device=run.device,
+        model=run.supernet,
+    )
     evaluator = SupernetEvaluator(
         run.supernet,
         run.data.val,
