@@ -90,3 +90,11 @@ def test_bad_specs_name_the_problem():
         export_spec({"model": "ResNet"})
     with pytest.raises(TypeError, match="cannot describe a Linear"):
         spec_of(torch.nn.Linear(2, 2))
+
+
+def test_supernet_kinds_are_the_kinds_that_extract_subnets():
+    """Export, evaluate, teachers and init_from ask `is_supernet`: it must name every supernet kind."""
+    from vitnas.models.spec import KINDS, is_supernet
+
+    for kind, entry in KINDS.items():
+        assert is_supernet(kind) == hasattr(entry.cls, "extract"), kind

@@ -178,11 +178,11 @@ def _arch_in_space(path: str, space: SearchSpace | MBConvSpace) -> ArchConfig | 
 
 def cmd_export(args: argparse.Namespace) -> int:
     from vitnas.export import export_subnet, model_name
-    from vitnas.models.spec import load_model
+    from vitnas.models.spec import is_supernet, load_model
 
     model, meta = load_model(args.checkpoint)
     kind = meta["model"]["kind"]
-    if kind.endswith("supernet"):
+    if is_supernet(kind):
         if not args.arch:
             raise ValueError(f"{args.checkpoint} holds a supernet: pass --arch (e.g. a search's best.yaml)")
         model = model.extract(_arch_in_space(args.arch, model.space))
@@ -411,13 +411,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from vitnas.data import AugmentConfig, load_data_of
     from vitnas.evaluation import evaluate
     from vitnas.export import model_name
-    from vitnas.models.spec import load_model
+    from vitnas.models.spec import is_supernet, load_model
 
     model, meta = load_model(args.checkpoint, use_ema=args.ema)
     data = load_data_of(meta, data_path=args.data_path, source=str(args.checkpoint))
     norm = AugmentConfig.from_dict(meta["norm"])
     split = getattr(data, args.split)
-    if meta["model"]["kind"].endswith("supernet"):
+    if is_supernet(meta["model"]["kind"]):
         archs = (
             [("arch", _arch_in_space(args.arch, model.space))]
             if args.arch

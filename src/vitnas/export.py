@@ -19,7 +19,7 @@ from torch import nn
 
 from vitnas._io import atomic_save_safetensors, atomic_write_text, corrupt_file_error
 from vitnas.costs.macs import model_input_size
-from vitnas.models.spec import build, export_spec, spec_of
+from vitnas.models.spec import build, export_spec, is_supernet, spec_of
 from vitnas.models.vit import VisionTransformer
 
 __all__ = ["export_onnx", "export_subnet", "load_subnet", "onnx_scores", "quantize_onnx"]
@@ -45,7 +45,7 @@ def export_subnet(
 ) -> Path:
     """Write a ViT subnet, or a model made by `vitnas.create_model`, as a folder `load_subnet` reads."""
     spec = spec_of(model)
-    if spec["kind"].endswith("supernet"):
+    if is_supernet(spec["kind"]):
         raise TypeError("cannot export a supernet: extract a subnet first (supernet.extract(arch))")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

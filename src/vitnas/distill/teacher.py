@@ -15,7 +15,7 @@ from torch import nn
 from vitnas.costs.macs import model_input_size
 from vitnas.export import load_subnet
 from vitnas.models.registry import create_model, list_models
-from vitnas.models.spec import load_model, spec_of
+from vitnas.models.spec import is_supernet, load_model, spec_of
 from vitnas.models.weights import load_weights
 from vitnas.precision import amp_dtype, autocast
 
@@ -111,7 +111,7 @@ def load_teacher(
         if weights:
             raise ValueError(f"teacher {spec} is a checkpoint: it brings its own weights (drop teacher_weights)")
         model, meta = load_model(path)
-        if meta["model"]["kind"].endswith("supernet"):
+        if is_supernet(meta["model"]["kind"]):
             raise ValueError(f"teacher {spec} holds a supernet: export one subnet first (vitnas export --arch)")
         return Teacher(model, source=spec, digest=file_digest(path), dtype=dtype)
     if spec not in list_models():

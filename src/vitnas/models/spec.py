@@ -37,7 +37,7 @@ from vitnas.supernet.mbconv import MBConvSupernet
 from vitnas.supernet.s3 import S3Supernet
 from vitnas.supernet.vit import ViTSupernet
 
-__all__ = ["KINDS", "Kind", "build", "export_spec", "load_model", "spec_of"]
+__all__ = ["KINDS", "SUPERNET_KINDS", "Kind", "build", "export_spec", "is_supernet", "load_model", "spec_of"]
 
 
 @dataclass(frozen=True)
@@ -70,6 +70,14 @@ KINDS: dict[str, Kind] = {
     ),
     "s3": Kind(S3Transformer, lambda m: {"config": m.config}, lambda s: _s3_transformer(s["config"])),
 }
+
+# the kinds that hold weight-sharing supernets (search them, or extract a subnet before export / teaching)
+SUPERNET_KINDS = frozenset({"supernet", "mbconv_supernet", "s3_supernet"})
+
+
+def is_supernet(kind: str) -> bool:
+    """Whether a spec's `kind` is a supernet's."""
+    return kind in SUPERNET_KINDS
 
 
 def _s3_transformer(config: dict[str, Any]) -> S3Transformer:

@@ -18,7 +18,7 @@ from vitnas.checkpoint import read_metadata
 from vitnas.costs.latency import LatencyTable
 from vitnas.data import AugmentConfig, ImageData, load_data_of
 from vitnas.evaluation import calibration_batches, correct_per_image, evaluate, recalibrated_batchnorm
-from vitnas.models.spec import load_model
+from vitnas.models.spec import is_supernet, load_model
 from vitnas.pipeline.config import PipelineConfig
 from vitnas.precision import amp_dtype
 from vitnas.report import plot_candidates, plot_progress
@@ -105,7 +105,7 @@ def supernet_stage(run: Run) -> None:
         trainer = Trainer(train_cfg, resume=True, progress=run.step_progress("train supernet"), device=run.device)
         train_or_continue(trainer)
         data = trainer.data
-    if not read_metadata(run.ckpt)["model"]["kind"].endswith("supernet"):
+    if not is_supernet(read_metadata(run.ckpt)["model"]["kind"]):
         raise ValueError(f"{run.ckpt}: checkpoint must hold a supernet, this one holds a single model")
     supernet, run.meta = load_model(run.ckpt)
     run.supernet = supernet.to(run.device)

@@ -9,7 +9,7 @@ from typing import Any
 from torch import nn
 
 from vitnas.checkpoint import read_metadata
-from vitnas.models.spec import load_model
+from vitnas.models.spec import is_supernet, load_model
 from vitnas.models.vit import VisionTransformer
 from vitnas.space import SearchSpace, arch_from_yaml, load_space, space_from_dict
 from vitnas.supernet import build_supernet
@@ -34,7 +34,7 @@ class ArchTask(Task):
             self.space = load_space(cfg.space)
             self.arch = arch_from_yaml(self.space, cfg.arch)
             return
-        if not self.parent["model"]["kind"].endswith("supernet"):
+        if not is_supernet(self.parent["model"]["kind"]):
             raise ValueError(
                 f"{cfg.init_from}: init_from must be a supernet checkpoint, this one holds a "
                 f"{self.parent['model']['kind']} model"
