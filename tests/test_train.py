@@ -50,12 +50,22 @@ def run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     )
 
 
-@pytest.mark.parametrize("method", ["supernet", "cream"])
+CDARTS_TINY = {
+    "space": "darts-tiny",
+    "optimizer": "sgd",
+    "lr": 0.4,
+    "darts": {"pretrain_epochs": 0, "eval_warmup_epochs": 1, "cycle_epochs": 1},
+}
+
+
+@pytest.mark.parametrize("method", ["supernet", "cream", "cdarts"])
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path, method):
     """Cream: the board fills and the meta network is updated (every 3 steps) in the second epoch, where the
-    run is killed; the resumed run ends with the same board, meta network, weights and optimizers."""
+    run is killed; the resumed run ends with the same board, meta network, weights and optimizers. CDARTS:
+    killed in its first search epoch; α, both networks and all three optimizers end the same."""
     cfg = tmp_path / "tiny.yaml"
     extra = {"cream": {"start_epoch": 1, "meta_every": 3, "board_size": 3}} if method == "cream" else {}
+    extra = CDARTS_TINY if method == "cdarts" else extra
     cfg.write_text(yaml.safe_dump({**TINY, **extra}))
     full = run_cli(["train-supernet", "--method", method, "--config", str(cfg), "--out-dir", "full"], tmp_path)
     assert full.returncode == 0, full.stderr
@@ -89,7 +99,8 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path, metho
     assert meta_b["step"] == total
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
-    for group in ("optim", "task") + (("optim_meta",) if method == "cream" else ()):
+    extra_optimizers = {"cream": ("optim_meta",), "cdarts": ("optim_alpha", "optim_eval")}.get(method, ())
+    for group in ("optim", "task") + extra_optimizers:
         assert a[group].keys() == b[group].keys()
         for key in a[group]:
             assert torch.equal(a[group][key], b[group][key]), (group, key)
@@ -97,6 +108,8 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path, metho
     if method == "cream":
         assert a["task"] and meta_a["cream"] == meta_b["cream"] and meta_a["cream"]["meta_updates"] > 0
         assert len(meta_a["cream"]["board"]) == 3
+    if method == "cdarts":
+        assert meta_a["darts"] == meta_b["darts"] and len(meta_a["darts"]["history"]) == 2
     rows = (tmp_path / "killed" / "metrics.csv").read_text().splitlines()[1:]
     assert [int(r.split(",")[0]) for r in rows] == list(range(2, total + 1, 2))  # no duplicated log rows
 

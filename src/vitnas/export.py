@@ -50,8 +50,9 @@ def export_subnet(
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     atomic_save_safetensors(model.state_dict(), folder / "model.safetensors", metadata={"format": "vitnas-vit-1"})
-    if isinstance(model, VisionTransformer):
-        model.arch.to_yaml(folder / "arch.yaml")
+    arch = getattr(model, "arch", None)  # a ViT subnet's ArchConfig, a DARTS network's Genotype
+    if arch is not None and hasattr(arch, "to_yaml"):
+        arch.to_yaml(folder / "arch.yaml")
     atomic_write_text(folder / "config.json", json.dumps({"spec": spec, **(extra or {})}, indent=1))
     if onnx:
         export_onnx(model, folder / "model.onnx", atol=onnx_atol)

@@ -173,6 +173,61 @@ def plot_space_search(iterations: Sequence[Mapping[str, Any]], folder: str | Pat
     return paths
 
 
+def plot_alpha_history(history: Sequence[Mapping[str, Any]], path: str | Path, ops: Sequence[str]) -> Path:
+    """DARTS / CDARTS: softmax(α) of every edge over the epochs, one panel per (cell, node, input)."""
+    plt = _plt()
+    cells = ("normal", "reduce")
+    nodes = len(history[-1]["alpha"]["normal"])
+    cols = nodes + 1
+    fig, axes = plt.subplots(2 * nodes, cols, figsize=(2.2 * cols, 1.6 * 2 * nodes), sharex=True, sharey=True)
+    epochs = [h["epoch"] for h in history]
+    for c, cell in enumerate(cells):
+        for i in range(nodes):
+            for j in range(cols):
+                ax = axes[c * nodes + i][j]
+                if j >= i + 2:
+                    ax.axis("off")
+                    continue
+                for k, op in enumerate(ops):
+                    ax.plot(epochs, [h["alpha"][cell][i][j][k] for h in history], label=op, lw=1.2)
+                ax.set_title(f"{cell} node {i} <- {j}", fontsize=7)
+                ax.tick_params(labelsize=6)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", ncol=len(ops), fontsize=7)
+    fig.supxlabel("epoch")
+    fig.supylabel("softmax(alpha)")
+    return _save(plt, fig, path)
+
+
+def plot_cells(genotype: Any, path: str | Path) -> Path:
+    """A DARTS genotype's normal and reduction cells as graphs: inputs c_{k-2}, c_{k-1}, the nodes, the
+    concatenated output; every edge labelled with its op."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, (name, cell, concat) in zip(axes, genotype.cells()):
+        n = len(cell)
+        pos = {0: (0.0, 0.8), 1: (0.0, 0.2)}
+        pos.update({k + 2: (0.25 + 0.55 * k / max(n - 1, 1), 0.5 + 0.3 * (-1) ** k) for k in range(n)})
+        pos["out"] = (1.0, 0.5)
+        names = {0: "c_{k-2}", 1: "c_{k-1}", "out": "c_{k}"} | {k + 2: str(k) for k in range(n)}
+        for i, node in enumerate(cell):
+            for op, j in node:
+                (x0, y0), (x1, y1) = pos[j], pos[i + 2]
+                ax.annotate("", (x1, y1), (x0, y0), arrowprops={"arrowstyle": "->", "color": "0.4", "lw": 1})
+                ax.text((x0 + x1) / 2, (y0 + y1) / 2, op, fontsize=7, ha="center", color="tab:blue")
+        for k in concat:
+            (x0, y0), (x1, y1) = pos[k], pos["out"]
+            ax.annotate("", (x1, y1), (x0, y0), arrowprops={"arrowstyle": "->", "color": "0.75", "lw": 0.8})
+        for key, (x, y) in pos.items():
+            color = "lightblue" if key in (0, 1) else "palegreen" if key == "out" else "khaki"
+            ax.text(x, y, names[key], ha="center", va="center", fontsize=9, bbox={"boxstyle": "round", "fc": color})
+        ax.set_title(f"{name} cell")
+        ax.set_xlim(-0.1, 1.1)
+        ax.set_ylim(0.0, 1.0)
+        ax.axis("off")
+    return _save(plt, fig, path)
+
+
 def table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
     def fmt(v: Any) -> str:
         if isinstance(v, float):

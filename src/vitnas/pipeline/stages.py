@@ -40,6 +40,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+GRADIENT_STRATEGIES = ("darts", "cdarts")  # strategies whose search is a training task of the same name
+
 # progress(stage, done, total, info): one bar per stage name; `info` holds e.g. epoch and loss.
 Progress = Callable[[str, int, int, dict[str, Any]], None]
 
@@ -95,9 +97,16 @@ def supernet_stage(run: Run) -> None:
     run.ckpt = Path(cfg.checkpoint) if cfg.checkpoint else run.out / "supernet" / "last.safetensors"
     data = None
     if not cfg.checkpoint:
+        # gradient-based strategies are their training task (the search is the training)
+        task = run.search.strategy if run.search.strategy in GRADIENT_STRATEGIES else "supernet"
         train_cfg = TrainConfig.from_dict(
-            {"task": "supernet", **cfg.train, "out_dir": str(run.out / "supernet")}, source=f"{cfg.source}: train"
+            {"task": task, **cfg.train, "out_dir": str(run.out / "supernet")}, source=f"{cfg.source}: train"
         )
+        if run.search.strategy in GRADIENT_STRATEGIES and train_cfg.task != run.search.strategy:
+            raise ValueError(
+                f"{cfg.source}: search.strategy {run.search.strategy!r} derives its genotype while training: "
+                f"train.task must be {run.search.strategy!r} (or unset), got {train_cfg.task!r}"
+            )
         if train_cfg.task not in SUPERNET_TASKS:
             raise ValueError(
                 f"{cfg.source}: train.task={train_cfg.task!r}; the pipeline trains a supernet: one of {SUPERNET_TASKS}"
@@ -175,7 +184,7 @@ def search_stage(run: Run) -> None:
     identity = {**scfg.to_dict(), "supernet": str(run.ckpt), "supernet_step": run.meta["step"]}
     names = [scfg.strategy] + (["random"] if run.cfg.baseline and scfg.strategy != "random" else [])
     for name in names:
-        initial = _board_archs(run) if name == scfg.strategy and (name == "board" or scfg.from_board) else ()
+        initial = _initial_archs(run) if name == scfg.strategy else ()
         kwargs = {**scfg.strategy_kwargs(), "initial": initial}
         strategy = build_strategy(name, space, feasible=feasible, cost=run.costs[scfg.cost], **kwargs)
         run.results[name] = run_search(
@@ -198,6 +207,18 @@ def search_stage(run: Run) -> None:
     run.fronts = {c: pareto_front(main.candidates, c) for c in ("params", "macs")}
     if run.workers.is_main:
         _plots(run)
+
+
+def _initial_archs(run: Run) -> list[Any]:
+    """The archs the main strategy starts from: a Cream board's paths (strategy board, or from_board), the
+    genotype a DARTS / CDARTS training derived (strategies darts / cdarts), else none."""
+    name = run.search.strategy
+    if name in GRADIENT_STRATEGIES:
+        saved = run.meta.get("darts", {}).get("genotype")
+        if not saved or run.meta.get("task") != name:
+            raise ValueError(f"{run.ckpt}: strategy {name!r} needs a supernet trained with task {name!r}")
+        return [run.supernet.space.arch_from_dict({"genotype": saved}, source=str(run.ckpt))]
+    return _board_archs(run) if name == "board" or run.search.from_board else []
 
 
 def _board_archs(run: Run) -> list[Any]:

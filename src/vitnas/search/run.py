@@ -44,7 +44,9 @@ Evaluate = Callable[[ArchConfig], Mapping[str, float]]
 
 @dataclass
 class SearchConfig:
-    strategy: str = D.STRATEGY  # evolution | random | nsga2 | predictor-evolution | board (a Cream board's paths)
+    # evolution | random | nsga2 | predictor-evolution | board (a Cream board's paths) | darts / cdarts (the genotype
+    # a gradient-based search derived; the pipeline then trains with that task)
+    strategy: str = D.STRATEGY
     population: int = D.POPULATION
     generations: int = D.GENERATIONS
     parents: int = D.PARENTS  # evolution: top candidates kept as parents

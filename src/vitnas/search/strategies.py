@@ -173,6 +173,25 @@ class BoardSearch(_Base):
         return batch
 
 
+class DerivedSearch(BoardSearch):
+    name = "derived"
+    """Gradient-based search's result: the genotype its trained architecture weights derive (`initial`),
+    scored once on the validation split. Registered as "darts" and "cdarts" (the training task that made it)."""
+
+    def __init__(self, space: SearchSpace, *, initial: Sequence[ArchConfig] = (), **kwargs: Any) -> None:
+        if not initial:
+            raise ValueError(f"strategy {self.name!r} needs the genotype of a supernet trained with task {self.name!r}")
+        super().__init__(space, initial=initial, **kwargs)
+
+
+class DartsDerived(DerivedSearch):
+    name = "darts"
+
+
+class CDARTSDerived(DerivedSearch):
+    name = "cdarts"
+
+
 class EvolutionSearch(_Base):
     name = "evolution"
     """AutoFormer's evolution: keep the top `parents`; each generation makes `mutations` mutants and
@@ -399,7 +418,16 @@ class PredictorEvolutionSearch(EvolutionSearch):
 
 
 STRATEGIES = {
-    cls.name: cls for cls in (EvolutionSearch, RandomSearch, NSGA2Search, PredictorEvolutionSearch, BoardSearch)
+    cls.name: cls
+    for cls in (
+        EvolutionSearch,
+        RandomSearch,
+        NSGA2Search,
+        PredictorEvolutionSearch,
+        BoardSearch,
+        DartsDerived,
+        CDARTSDerived,
+    )
 }
 
 

@@ -16,8 +16,9 @@ __all__ = ["TrainConfig", "SAMPLINGS", "RETRAIN_TASKS", "SUPERNET_TASKS"]
 # Task names that train one model (an arch or a registered model); "subnet" is the name configs have
 # always used for either. Other task names are checked against the task registry by the trainer.
 RETRAIN_TASKS = ("subnet", "arch", "registry")
-SUPERNET_TASKS = ("supernet", "cream")  # tasks whose checkpoint is a supernet to search
+SUPERNET_TASKS = ("supernet", "cream", "cdarts", "darts")  # tasks whose checkpoint is a supernet to search
 SAMPLINGS = ("uniform", "sandwich")
+OPTIMIZERS = ("adamw", "sgd")
 
 
 @dataclass
@@ -38,6 +39,10 @@ class TrainConfig:
     min_mmacs: float = 0.0  # supernet tasks: sample only paths of at least this many million MACs
     max_mmacs: float | None = None  # supernet tasks: ... and at most this many (null: no bound)
     cream: dict[str, Any] = field(default_factory=dict)  # task cream: CreamConfig fields (board_size, pick, ...)
+    darts: dict[str, Any] = field(
+        default_factory=dict
+    )  # tasks cdarts / darts: DartsSearchConfig fields (alpha_lr, ...)
+    clip: dict[str, Any] = field(default_factory=dict)  # tasks clip / tinyclip: ClipConfig fields (alpha, auto, ...)
     bilateral: bool = False  # supernet: alternate left / right width slicing step by step (BCNet, ViTAS)
     teacher: str | None = (
         None  # distil from: an exported folder, a checkpoint, or a registered model (+ teacher_weights)
@@ -71,7 +76,9 @@ class TrainConfig:
     min_lr: float = 1e-5  # lr at the end of the cosine decay (not scaled)
     warmup_lr: float = 1e-6  # lr at step 0, rising linearly to the peak over warmup_epochs (not scaled)
     warmup_epochs: float = 1.0  # linear warmup length, in epochs
-    weight_decay: float = 0.05  # AdamW weight decay (none on biases, norms, position tables)
+    optimizer: str = "adamw"  # the weights' optimizer: adamw | sgd (with momentum; DARTS / CDARTS)
+    momentum: float = 0.9  # sgd momentum
+    weight_decay: float = 0.05  # weight decay (none on biases, norms, position tables)
     clip_grad: float | None = 5.0  # max gradient norm; null = off
     drop_path: float = 0.1
     ema_decay: float = 0.0  # exponential moving average of the weights; 0 = off
@@ -119,6 +126,9 @@ class TrainConfig:
             raise ValueError(f"{source}: sampling={self.sampling!r}; expected one of {SAMPLINGS}")
         if self.amp not in AMP_MODES:
             raise ValueError(f"{source}: amp={self.amp!r}; expected one of {AMP_MODES}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"{source}: optimizer={self.optimizer!r}; expected one of {OPTIMIZERS}")
+        check_range(source, "momentum", self.momentum, 0.0, 1.0)
         if self.task in RETRAIN_TASKS and bool(self.arch) == bool(self.model):
             raise ValueError(
                 f"{source}: task {self.task!r} needs exactly one of arch (an arch YAML to train) or model (a "

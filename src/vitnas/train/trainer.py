@@ -80,6 +80,8 @@ RESUME_KEYS = (
     "warmup_lr",
     "warmup_epochs",
     "weight_decay",
+    "optimizer",
+    "momentum",
     "clip_grad",
     "drop_path",
     "ema_decay",
@@ -123,7 +125,11 @@ class Trainer:
             cfg.lr,
             cfg.batch_size * self.dist.world,
         )
-        self.optimizer = torch.optim.AdamW(self.task.param_groups(self.model), lr=self.base_lr, foreach=True)
+        groups = self.task.param_groups(self.model)
+        if cfg.optimizer == "sgd":
+            self.optimizer = torch.optim.SGD(groups, lr=self.base_lr, momentum=cfg.momentum, foreach=True)
+        else:
+            self.optimizer = torch.optim.AdamW(groups, lr=self.base_lr, foreach=True)
         self.extra_optimizers = self.task.extra_optimizers(self.model)
         self.ema = (
             {k: v.detach().clone().float() for k, v in self.model.state_dict().items()} if cfg.ema_decay > 0 else None
@@ -149,7 +155,7 @@ class Trainer:
             skip_bad=cfg.skip_bad_images,
             workers=cfg.workers,
         )
-        self.task.prepare_data(self.data)
+        self.data = self.task.prepare_data(self.data) or self.data  # a task may keep a part for itself
         self.aug_cfg = recipe(cfg.recipe).override(**cfg.augment).override(**self.task.norm_override())
         self.augment = self.task.build_augment(self.aug_cfg, self.img_size, self.data.num_classes)
 
@@ -338,6 +344,7 @@ class Trainer:
             raise TrainingDiverged(
                 f"loss became {loss} at step {step} (epoch {epoch}); {kept}. Lower lr (now {lr:.2e}) or set clip_grad."
             )
+        self.task.after_step()
         self.step += 1
         return StepInfo(self.step, self.total_steps, epoch, loss, lr, archs=result.archs, metrics=result.metrics)
 
@@ -397,6 +404,7 @@ class Trainer:
             log.info("epoch %d (step %d): %s", epoch_done, self.step, _fmt(scores))
             if logger:
                 logger.val_row(metrics, self.step)
+                self.task.write_reports(self.out)
             self._keep_best(scores, epoch_done)
         self.save()
 

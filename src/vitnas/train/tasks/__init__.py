@@ -11,6 +11,8 @@ from vitnas.train.tasks.base import (
     task_class,
     task_names,
 )
+from vitnas.train.tasks.cdarts import CDARTSTask, DartsTask
+from vitnas.train.tasks.clip import ClipTask, TinyClipTask
 from vitnas.train.tasks.cream import CreamTask
 from vitnas.train.tasks.kd import KDTask
 from vitnas.train.tasks.minivit import MiniViTTask
@@ -21,7 +23,10 @@ from vitnas.train.tasks.supernet import SupernetTask, sample_step_archs
 __all__ = [
     "ArchTask",
     "Batch",
+    "CDARTSTask",
+    "ClipTask",
     "CreamTask",
+    "DartsTask",
     "KDTask",
     "MiniViTTask",
     "RegistryTask",
@@ -30,6 +35,7 @@ __all__ = [
     "SupernetTask",
     "Task",
     "TaskContext",
+    "TinyClipTask",
     "register_task",
     "resolve_task",
     "sample_step_archs",
@@ -48,6 +54,8 @@ def resolve_task(cfg) -> Task:
     if name == "subnet":
         name = "registry" if cfg.model else "arch"
     task = task_class(name)(cfg)
+    if task.owns_teacher:
+        return task
     if cfg.distill_logits:
         return StoredLogitsTask(cfg, task)
     if cfg.teacher and cfg.distill == "minivit":

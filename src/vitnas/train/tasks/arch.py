@@ -73,10 +73,14 @@ class ArchTask(Task):
                 raise ValueError(
                     f"{cfg.init_from}: supernet has {supernet.num_classes} classes, the data {num_classes}"
                 )
-            depth = supernet.max_depth
-            supernet.drop_path_rates = [cfg.drop_path * i / max(depth - 1, 1) for i in range(depth)]
+            if hasattr(supernet, "max_depth"):  # block networks: rates rising with depth
+                depth = supernet.max_depth
+                supernet.drop_path_rates = [cfg.drop_path * i / max(depth - 1, 1) for i in range(depth)]
             log.info("inheriting %s from %s", arch.key(), cfg.init_from)
-            return supernet.extract(arch).train()
+            model = supernet.extract(arch).train()
+            if hasattr(model, "drop_path_prob"):  # cell networks (DARTS): one rate for every edge
+                model.drop_path_prob = cfg.drop_path
+            return model
         space = self.space
         if not isinstance(space, SearchSpace):  # other kinds: the subnet of a freshly initialised supernet
             supernet = build_supernet(

@@ -116,6 +116,9 @@ class Task:
     # The `evaluate()` metric (higher is better) whose best value the trainer keeps in best.safetensors;
     # None: keep no best checkpoint.
     best_metric: ClassVar[str | None] = "val_top1"
+    # The task reads the config's `teacher` itself (e.g. a CLIP teacher): `resolve_task` does not wrap it in
+    # a distillation task.
+    owns_teacher: ClassVar[bool] = False
 
     def __init__(self, cfg: Any) -> None:
         self.cfg = cfg
@@ -131,8 +134,10 @@ class Task:
         """AugmentConfig fields the task fixes (e.g. a parent supernet's mean / std)."""
         return {}
 
-    def prepare_data(self, data: Any) -> None:
-        """Check the loaded data (e.g. that a parent checkpoint saw the same classes)."""
+    def prepare_data(self, data: Any) -> Any:
+        """Check the loaded data (e.g. that a parent checkpoint saw the same classes). A task may return other
+        data for the trainer (e.g. the training split without the images it holds out for itself); None
+        keeps `data`."""
 
     def build_model(self, ctx: TaskContext, num_classes: int) -> nn.Module:
         raise NotImplementedError
@@ -165,14 +170,25 @@ class Task:
         assert self.ctx is not None and self.model is not None
         with self.ctx.autocast():
             loss = soft_cross_entropy(self.model(batch.images), batch.targets)
+            aux = getattr(self.model, "aux_logits", None)  # an auxiliary head's logits (DARTS networks)
+            if aux is not None:
+                loss = loss + self.model.aux_weight * soft_cross_entropy(aux, batch.targets)
         self.ctx.backward(loss)
         return StepResult(loss.detach())
+
+    def after_step(self) -> None:
+        """Called after each optimizer step of the weights: where a task clamps or projects parameters
+        (CLIP's logit scale)."""
 
     # -- evaluation and checkpoints
     def evaluate(self) -> dict[str, float]:
         assert self.ctx is not None
         r = self.ctx.evaluate(self.model)
         return {"val_top1": r["top1"], "val_loss": r["loss"]}
+
+    def write_reports(self, out_dir: Any) -> None:
+        """Files worth looking at while the run goes on (plots), written after each evaluation on the main
+        rank; none by default."""
 
     def checkpoint_meta(self) -> dict[str, Any]:
         """JSON the task adds to every checkpoint's metadata (next to "config", "model", "step")."""
