@@ -4,7 +4,7 @@ Every model module is imported here: each registers its variants at its foot, so
 as soon as `vitnas.models` (or any module in it) is imported.
 """
 
-from vitnas.models import cream, efficientvit, minivit, s3, tinyvit, vit  # noqa: F401  (register the variants)
+from vitnas.models import clip, cream, darts, efficientvit, minivit, s3, tinyvit, vit  # noqa: F401  (register the variants)
 from vitnas.models.config import ViTConfig
 from vitnas.models.registry import create_model, list_models, register_model
 from vitnas.models.vit import VisionTransformer

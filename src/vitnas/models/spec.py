@@ -9,6 +9,10 @@ A spec is plain JSON: `{"kind": ...}` plus what that kind's constructor needs, w
     {"kind": "cream", "config": {...}}                     a CreamNet (an extracted MBConv subnet)
     {"kind": "s3_supernet", "space": {...}, "kwargs": {...}}  an S3Supernet (S3 / AutoFormerV2) on an S3Space
     {"kind": "s3", "config": {...}}                        an S3Transformer (an extracted S3 subnet, S3-T/S/B)
+    {"kind": "darts_supernet", "space": {...}, "kwargs": {...}}   a DartsSupernet (DARTS search / weight pool)
+    {"kind": "cdarts_supernet", "space": {...}, "kwargs": {...}}  CDARTS's search + evaluation networks
+    {"kind": "darts", "config": {...}}                     a DartsNet (a genotype's network)
+    {"kind": "clip", "config": {...}}                      a CLIP (TinyCLIP / open_clip; pruned ones too)
 
 Checkpoints store it under metadata key "model", exported folders under "spec" in config.json; both
 read the same way (`build`), and folders exported before the spec existed are read by `export_spec`.
@@ -26,13 +30,17 @@ import torch
 from torch import nn
 
 from vitnas.checkpoint import read_checkpoint
+from vitnas.models.clip import CLIP, CLIPConfig
 from vitnas.models.cream import CreamNet
+from vitnas.models.darts import DartsNet
 from vitnas.models.registry import create_model
 from vitnas.models.s3 import S3Transformer
 from vitnas.models.vit import VisionTransformer
+from vitnas.space.darts import DartsSpace
 from vitnas.space.mbconv import MBConvSpace
 from vitnas.space.s3 import S3Space
 from vitnas.space.space import SearchSpace
+from vitnas.supernet.darts import CDARTSSupernet, DartsSupernet
 from vitnas.supernet.mbconv import MBConvSupernet
 from vitnas.supernet.s3 import S3Supernet
 from vitnas.supernet.vit import ViTSupernet
@@ -69,10 +77,22 @@ KINDS: dict[str, Kind] = {
         lambda s: S3Supernet(S3Space(**s["space"]), **s["kwargs"]),
     ),
     "s3": Kind(S3Transformer, lambda m: {"config": m.config}, lambda s: _s3_transformer(s["config"])),
+    "darts_supernet": Kind(
+        DartsSupernet,
+        lambda m: {"space": m.space.to_dict(), "kwargs": m.init_kwargs},
+        lambda s: DartsSupernet(DartsSpace(**s["space"]), **s["kwargs"]),
+    ),
+    "cdarts_supernet": Kind(
+        CDARTSSupernet,
+        lambda m: {"space": m.space.to_dict(), "kwargs": m.init_kwargs},
+        lambda s: CDARTSSupernet(DartsSpace(**s["space"]), **s["kwargs"]),
+    ),
+    "darts": Kind(DartsNet, lambda m: {"config": m.config}, lambda s: DartsNet(**s["config"])),
+    "clip": Kind(CLIP, lambda m: {"config": m.config.to_dict()}, lambda s: CLIP(CLIPConfig.from_dict(s["config"]))),
 }
 
 # the kinds that hold weight-sharing supernets (search them, or extract a subnet before export / teaching)
-SUPERNET_KINDS = frozenset({"supernet", "mbconv_supernet", "s3_supernet"})
+SUPERNET_KINDS = frozenset({"supernet", "mbconv_supernet", "s3_supernet", "darts_supernet", "cdarts_supernet"})
 
 
 def is_supernet(kind: str) -> bool:
