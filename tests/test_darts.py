@@ -265,3 +265,84 @@ def test_cdarts_phases_and_a_short_run_writes_reports(tmp_path):
     assert (out / "alpha.png").is_file() and (out / "cells.png").is_file()
     assert Genotype.from_yaml(out / "genotype.yaml") in TINY
     assert len(task.history) == 2 and task.model.arch in TINY
+
+
+def test_search_cli_with_gradient_strategy_exports_genotype_and_onnx(tmp_path):
+    """`vitnas search --strategy darts`: trains with task darts, scores the derived genotype, exports it
+    (arch.yaml, weights, ONNX checked by onnxruntime); `vitnas retrain` then trains that genotype from scratch."""
+    import yaml
+
+    from vitnas.cli import main
+    from vitnas.export import load_subnet
+
+    cfg = {
+        "out_dir": str(tmp_path / "run"),
+        "train": {
+            "space": "darts-tiny",
+            "recipe": "digits",
+            "val_per_class": 100,
+            "epochs": 1,
+            "batch_size": 32,
+            "optimizer": "sgd",
+            "lr": 0.4,
+            "threads": 1,
+            "darts": {"pretrain_epochs": 0},
+        },
+        "search": {"constraints": {}, "cost": "params", "bn_calibration": 64},
+        "baseline": False,
+        "onnx": True,
+    }
+    (tmp_path / "darts.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["search", "--config", str(tmp_path / "darts.yaml"), "--strategy", "darts"]) == 0
+    export = tmp_path / "run" / "export"
+    genotype = Genotype.from_yaml(export / "arch.yaml")
+    assert genotype in TINY and (export / "model.onnx").is_file()
+    assert isinstance(load_subnet(export), DartsNet)
+    args = ["retrain", "--space", "darts-tiny", "--arch", str(export / "arch.yaml"), "--recipe", "digits"]
+    args += ["--epochs", "1", "--max-steps", "2", "--val-per-class", "100", "--out-dir", str(tmp_path / "rt")]
+    assert main(args) == 0
+    from vitnas.models.spec import load_model
+
+    model, _ = load_model(tmp_path / "rt" / "last.safetensors")
+    assert isinstance(model, DartsNet) and model.genotype == genotype
+    assert model.config["channels"] == TINY.channels  # retrained at the space's width
+
+
+DDP_SCRIPT = """
+import sys, torch
+from safetensors.torch import save_file
+from vitnas.train import Trainer, TrainConfig
+out = sys.argv[1]
+cfg = TrainConfig(task="cdarts", space="darts-tiny", recipe="digits", batch_size=16, val_per_class=20, epochs=1,
+                  optimizer="sgd", lr=0.4, ckpt_every=1000, threads=1, out_dir=out, max_steps=4,
+                  darts={"pretrain_epochs": 0, "eval_warmup_epochs": 0, "cycle_epochs": 1})
+trainer = Trainer(cfg)
+trainer.fit()
+params = {k: p.detach().contiguous() for k, p in trainer.model.named_parameters()}
+save_file(params, f"{out}/rank{trainer.dist.rank}.safetensors")
+"""
+
+
+def test_torchrun_two_ranks_keep_alpha_and_both_networks_identical(tmp_path):
+    """Each rank draws its own held-out batches; α's and the evaluation network's gradients are averaged
+    like the weights', so every parameter stays equal across ranks (BatchNorm statistics stay per rank)."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
+    r = subprocess.run([*cmd, str(tmp_path)], capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    w0, w1 = load_file(tmp_path / "rank0.safetensors"), load_file(tmp_path / "rank1.safetensors")
+    torch.manual_seed(0)
+    init = CDARTSSupernet(TINY, num_classes=10)
+    for k in w0:
+        assert torch.equal(w0[k], w1[k]), k
+    assert not torch.equal(w0["search.alpha_normal"], init.search.alpha_normal)
+    moved = [k for k in w0 if k.startswith("evalnet.") and not torch.equal(w0[k], dict(init.named_parameters())[k])]
+    assert moved  # the evaluation network trained

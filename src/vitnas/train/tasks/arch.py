@@ -13,7 +13,7 @@ from vitnas.models.spec import is_supernet, load_model
 from vitnas.models.vit import VisionTransformer
 from vitnas.space import SearchSpace, arch_from_yaml, load_space, space_from_dict
 from vitnas.supernet import build_supernet
-from vitnas.train.tasks.base import Task, TaskContext, register_task
+from vitnas.train.tasks.base import Batch, StepResult, Task, TaskContext, register_task
 
 __all__ = ["ArchTask"]
 
@@ -96,6 +96,11 @@ class ArchTask(Task):
             rel_pos_max=space.rel_pos_max,
             drop_path_rate=cfg.drop_path,
         )
+
+    def loss(self, batch: Batch) -> StepResult:
+        if hasattr(self.model, "drop_path_prob"):  # cell networks: drop path ramps up to cfg.drop_path (DARTS)
+            self.model.drop_path_prob = self.cfg.drop_path * batch.epoch / max(self.cfg.epochs, 1)
+        return super().loss(batch)
 
     def checkpoint_meta(self) -> dict[str, Any]:
         return {"arch": self.arch.to_dict()}
