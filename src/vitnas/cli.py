@@ -12,7 +12,17 @@ from pathlib import Path
 import numpy as np
 
 from vitnas.report import summary_text, table
-from vitnas.space import ArchConfig, MBConvArch, MBConvSpace, S3Space, SearchSpace, arch_from_yaml, load_space
+from vitnas.search.strategies import STRATEGIES
+from vitnas.space import (
+    ArchConfig,
+    DartsSpace,
+    MBConvArch,
+    MBConvSpace,
+    S3Space,
+    SearchSpace,
+    arch_from_yaml,
+    load_space,
+)
 
 log = logging.getLogger("vitnas")
 
@@ -140,6 +150,8 @@ def cmd_search(args: argparse.Namespace) -> int:
         cfg.out_dir = args.out_dir
     if args.checkpoint:
         cfg.checkpoint = args.checkpoint
+    if args.strategy:
+        cfg.search = {**cfg.search, "strategy": args.strategy}
     return _run_pipeline(cfg, args.fresh)
 
 
@@ -240,6 +252,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
     from vitnas.costs.macs import count_macs
     from vitnas.models import create_model, list_models
+    from vitnas.models.clip import CLIP
 
     names = list_models(args.pattern)
     if not names:
@@ -247,10 +260,13 @@ def cmd_models(args: argparse.Namespace) -> int:
     rows = []
     for name in names:
         with torch.device("meta"):
-            model = create_model(name, num_classes=args.num_classes)
+            model = create_model(name)
+            clip = isinstance(model, CLIP)  # no classifier to size, and a forward needs text too
+            if not clip:
+                model = create_model(name, num_classes=args.num_classes)
         row = [name, f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}"]
         if args.macs:
-            row.append(f"{count_macs(name, num_classes=args.num_classes) / 1e6:.0f}")
+            row.append("-" if clip else f"{count_macs(name, num_classes=args.num_classes) / 1e6:.0f}")
         rows.append(row)
     print(table(rows, ["model", "params (M)"] + (["MACs (M)"] if args.macs else [])))
     return 0
@@ -442,6 +458,164 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_clip(args: argparse.Namespace) -> int:
+    from vitnas.train.tasks.clip import ClipConfig, prune_checkpoint
+
+    code = _run_training(args, args.method)
+    cfg = _train_config(args, args.method)
+    if code == 0 and args.method == "tinyclip" and ClipConfig.from_dict(cfg.clip).auto:
+        out = prune_checkpoint(Path(cfg.out_dir) / "last.safetensors", cfg.out_dir)
+        print(
+            f"pruned student: {out} (evaluate it with `vitnas evaluate-zeroshot`, or start the next stage from it "
+            "with --pretrained)"
+        )
+    return code
+
+
+def _checkpoint_zeroshot_data(args: argparse.Namespace, meta: dict):
+    """The images a checkpoint is scored on: --data-path (any class folder: zero-shot needs no training on its
+    classes), else the data it was validated on (a CSV-trained run's eval_data), with its train / val split."""
+    from vitnas.data import load_data, load_data_of
+
+    cfg = meta["config"]
+    path = args.data_path
+    if path is None and str(cfg.get("data_path") or "").lower().endswith((".csv", ".tsv")):
+        path = (cfg.get("clip") or {}).get("eval_data")
+        if path is None:
+            raise ValueError(f"{args.checkpoint}: trained on CSV pairs without eval_data; pass --data-path")
+        path = None if path == "digits" else path
+    elif path is None:
+        return load_data_of(meta, source=str(args.checkpoint))
+    return load_data(path, img_size=meta["img_size"], val_per_class=cfg["val_per_class"], seed=cfg["seed"])
+
+
+def _zeroshot_setup(args: argparse.Namespace):
+    """(CLIP model, class-labelled data, class names, templates, context length) for a vitnas checkpoint (its
+    data, prompts and caption length by default) or a CLIP weights file / registered model (--data-path)."""
+    from vitnas.checkpoint import read_metadata
+    from vitnas.data import load_data
+    from vitnas.models.spec import load_model
+    from vitnas.train.tasks.clip import TEMPLATE_SETS, class_prompts, load_clip
+
+    meta = None
+    if not args.model and Path(args.checkpoint).suffix == ".safetensors":
+        try:
+            meta = read_metadata(args.checkpoint)
+        except ValueError:
+            meta = None  # plain open_clip-layout weights
+    names, templates, context = None, (), None
+    if meta is not None:
+        model, meta = load_model(args.checkpoint)
+        data = _checkpoint_zeroshot_data(args, meta)
+        saved = meta.get("clip", {})
+        if data.classes == meta.get("classes"):  # the classes it was validated on: its own prompts
+            names, templates = saved.get("classnames"), tuple(saved.get("templates", ()))
+        context = saved.get("context_length")
+    else:
+        model, _ = load_clip(args.model or args.checkpoint, args.checkpoint if args.model else None)
+        data = load_data(args.data_path, img_size=model.config.vision.image_size)
+    if not names or args.templates != "auto" or not templates:
+        digits = data.name == "digits" and data.classes == [str(i) for i in range(10)]
+        names, auto = class_prompts(data.classes, digits=digits)
+        templates = auto if args.templates == "auto" else TEMPLATE_SETS[args.templates]
+    context = args.context_length or context or model.config.text.context_length
+    return model, data, list(names), templates, context
+
+
+def cmd_evaluate_zeroshot(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from vitnas.data.tokenizer import tokenize
+    from vitnas.models.clip import CLIP, CLIP_MEAN, CLIP_STD
+    from vitnas.zeroshot import evaluate_zeroshot, zeroshot_classifier
+
+    model, data, names, templates, context = _zeroshot_setup(args)
+    if not isinstance(model, CLIP):
+        raise ValueError(f"{args.checkpoint}: holds a {type(model).__name__}, not a CLIP (use `vitnas evaluate`)")
+    model = model.to(args.device)
+    classifier = zeroshot_classifier(model, names, templates, lambda t: tokenize(t, context), args.device)
+    split = getattr(data, args.split)
+    total = -(-len(split) // args.batch_size)
+    batches = tqdm(split.sequential(args.batch_size), total=total, desc="zero-shot", unit="batch", disable=None)
+    r = evaluate_zeroshot(
+        model,
+        batches,
+        classifier,
+        mean=CLIP_MEAN,
+        std=CLIP_STD,
+        img_size=model.config.vision.image_size,
+        device=args.device,
+    )
+    print(
+        f"{args.checkpoint} on the {args.split} split of {data.name} ({len(names)} classes, {len(templates)} "
+        f"prompts each):"
+    )
+    print(table([[f"{r['top1']:.2f}", f"{r['top5']:.2f}", str(r["n"])]], ["top1 %", "top5 %", "images"]))
+    return 0
+
+
+def cmd_prune_clip(args: argparse.Namespace) -> int:
+    from vitnas.checkpoint import read_metadata
+    from vitnas.train.tasks.clip import prune_checkpoint
+
+    out = prune_checkpoint(args.checkpoint, args.out)
+    info = read_metadata(out)["pruned"]
+    print(
+        f"{out}: {info['params_before'] / 1e6:.2f}M -> {info['params_after'] / 1e6:.2f}M parameters "
+        f"({100 * (1 - info['params_after'] / info['params_before']):.1f}% fewer)"
+    )
+    return 0
+
+
+def _add_clip_parsers(sub: argparse._SubParsersAction) -> None:
+    """The CLIP verbs: train-clip, evaluate-zeroshot, prune-clip."""
+    tc = sub.add_parser(
+        "train-clip",
+        help="train a CLIP on prompt captions of class-labelled images (--method clip), or distil one into a "
+        "smaller CLIP by affinity mimicking (--method tinyclip, TinyCLIP)",
+    )
+    tc.add_argument(
+        "--method",
+        choices=("clip", "tinyclip"),
+        default="clip",
+        help="clip: contrastive training of --model from scratch; tinyclip: a --teacher CLIP's affinities "
+        "distilled into --model (weights inherited from the teacher by default), or into the masked teacher "
+        "with --clip auto=true, whose pruned result is written to OUT_DIR/pruned.safetensors. Settings with "
+        "--clip KEY=VALUE (ClipConfig: templates, context_length, logit_scale, alpha, init, auto, ...)",
+    )
+    _add_config_flags(tc)
+    tc.set_defaults(func=cmd_train_clip)
+
+    zs = sub.add_parser("evaluate-zeroshot", help="zero-shot top-1 / top-5 of a CLIP on class-labelled images")
+    zs.add_argument(
+        "checkpoint",
+        help="a clip / tinyclip / prune-clip checkpoint, an open_clip or TinyCLIP weights file, or weights for --model",
+    )
+    zs.add_argument("--model", help="a registered CLIP (`vitnas models '*clip*'`) that CHECKPOINT holds weights for")
+    zs.add_argument("--data-path", help="image-class folder (default: the checkpoint's data, else the bundled digits)")
+    zs.add_argument(
+        "--split", default="val", choices=["val", "test"], help="held-out validation images or the test split"
+    )
+    zs.add_argument(
+        "--templates",
+        default="auto",
+        choices=["auto", "cifar10", "digits", "imagenet"],
+        help="prompt templates (default: the checkpoint's training prompts, else the digits' or CIFAR-10's)",
+    )
+    zs.add_argument("--context-length", type=int, help="tokens per prompt (default: the checkpoint's, else 77)")
+    zs.add_argument("--batch-size", type=int, default=256, help="evaluation batch size (default: 256)")
+    zs.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    zs.set_defaults(func=cmd_evaluate_zeroshot)
+
+    pc = sub.add_parser(
+        "prune-clip",
+        help="prune the masked student of a tinyclip run with --clip auto=true into a plain, smaller CLIP checkpoint",
+    )
+    pc.add_argument("checkpoint", help="the tinyclip run's checkpoint (OUT_DIR/last.safetensors)")
+    pc.add_argument("--out", required=True, help="folder for pruned.safetensors (the next stage's --pretrained)")
+    pc.set_defaults(func=cmd_prune_clip)
+
+
 def _save_logits_config() -> type:
     from vitnas.train.save_logits import SaveLogitsConfig
 
@@ -484,10 +658,11 @@ def _add_training_parsers(sub: argparse._SubParsersAction) -> None:
     ts = sub.add_parser("train-supernet", help="train a weight-sharing supernet")
     ts.add_argument(
         "--method",
-        choices=("supernet", "cream"),
+        choices=("supernet", "cream", "darts", "cdarts"),
         default="supernet",
         help="supernet: one uniformly sampled path per step (AutoFormer / SPOS, or --sampling sandwich); cream: "
-        "prioritized paths distilled by meta-matching (Cream; settings with --cream KEY=VALUE)",
+        "prioritized paths distilled by meta-matching (Cream; settings with --cream KEY=VALUE); darts / cdarts: "
+        "gradient-based cell search on a DARTS space (first-order DARTS / CDARTS; settings with --darts KEY=VALUE)",
     )
     _add_config_flags(ts)
     ts.set_defaults(func=cmd_train_supernet)
@@ -520,9 +695,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def add_space_args(p: argparse.ArgumentParser, default: str) -> None:
-        presets = SearchSpace.presets() + MBConvSpace.presets() + S3Space.presets()
+        presets = SearchSpace.presets() + MBConvSpace.presets() + S3Space.presets() + DartsSpace.presets()
         p.add_argument(
-            "--space", default=default, choices=presets, help="search space preset (ViT, Cream MBConv or S3)"
+            "--space",
+            default=default,
+            choices=presets,
+            help="search space preset (ViT, Cream MBConv, S3 or DARTS cells)",
         )
         p.add_argument("--space-yaml", help="search space YAML (ours, either kind, or AutoFormer's); overrides --space")
         p.add_argument("--num-classes", type=int, default=1000, help="classifier outputs (default: 1000)")
@@ -536,6 +714,12 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--config", required=True, help="pipeline YAML (see src/vitnas/configs/demo.yaml)")
     search.add_argument("--out-dir", help="where every stage writes (default: the config's out_dir)")
     search.add_argument("--checkpoint", help="a trained supernet checkpoint (skips training)")
+    search.add_argument(
+        "--strategy",
+        choices=sorted(STRATEGIES),
+        help="overrides search.strategy; darts / cdarts train with that task on a DARTS space and export the "
+        "genotype its architecture weights derive",
+    )
     search.add_argument("--fresh", action="store_true", help="start over instead of continuing a previous run")
     search.set_defaults(func=cmd_search)
 
@@ -554,6 +738,7 @@ def build_parser() -> argparse.ArgumentParser:
     costs.set_defaults(func=cmd_costs)
 
     _add_training_parsers(sub)
+    _add_clip_parsers(sub)
     ev = sub.add_parser("evaluate", help="top-1 and loss of a checkpoint on the validation or test split")
     ev.add_argument("checkpoint", help="a training checkpoint (last.safetensors)")
     ev.add_argument(

@@ -273,8 +273,9 @@ class DartsNet(nn.Module):
                 self.aux_logits = self.aux_head(s1)
         return s1
 
-    def forward_head(self, x: Tensor) -> Tensor:
-        return self.fc(x.mean((2, 3)))
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        x = x.mean((2, 3))
+        return x if pre_logits else self.fc(x)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))

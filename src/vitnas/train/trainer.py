@@ -147,13 +147,17 @@ class Trainer:
     def _setup_data(self, data: ImageData | None) -> None:
         cfg = self.cfg
         self.img_size = self.task.img_size()
-        self.data = data or load_data(
-            cfg.data_path,
-            img_size=self.img_size,
-            val_per_class=cfg.val_per_class,
-            seed=cfg.seed,
-            skip_bad=cfg.skip_bad_images,
-            workers=cfg.workers,
+        self.data = (
+            data
+            or self.task.load_data(self.img_size)
+            or load_data(
+                cfg.data_path,
+                img_size=self.img_size,
+                val_per_class=cfg.val_per_class,
+                seed=cfg.seed,
+                skip_bad=cfg.skip_bad_images,
+                workers=cfg.workers,
+            )
         )
         self.data = self.task.prepare_data(self.data) or self.data  # a task may keep a part for itself
         self.aug_cfg = recipe(cfg.recipe).override(**cfg.augment).override(**self.task.norm_override())

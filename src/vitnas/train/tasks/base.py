@@ -134,6 +134,11 @@ class Task:
         """AugmentConfig fields the task fixes (e.g. a parent supernet's mean / std)."""
         return {}
 
+    def load_data(self, img_size: int) -> Any:
+        """Data the task reads itself instead of the class-labelled images the trainer loads from `data_path`
+        (e.g. image-caption pairs from a CSV): an `ImageData` whose `train` split is indexed like any other.
+        None: the trainer loads `data_path`."""
+
     def prepare_data(self, data: Any) -> Any:
         """Check the loaded data (e.g. that a parent checkpoint saw the same classes). A task may return other
         data for the trainer (e.g. the training split without the images it holds out for itself); None
