@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PIP_INSTALL := $(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt
 
-.PHONY: install demo test test-all bench bench-cifar bench-kd bench-distill bench-distill-speed bench-ranking lint clean
+.PHONY: install demo test test-all bench bench-cifar bench-kd bench-distill bench-distill-speed bench-ranking bench-darts bench-tinyclip lint clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -49,6 +49,16 @@ bench-distill-speed: $(STAMP)
 # fine-tuned from inherited weights; Kendall tau / Spearman rho with bootstrap intervals. GPU: add --setting gpu --device cuda.
 bench-ranking: $(STAMP)
 	$(PY) benchmarks/ranking.py --data ../shared/data/cifar10 --out runs/bench-ranking
+
+# About an hour on 2 cores (needs ../shared/data/cifar10): DARTS and CDARTS searches at equal budget, then
+# their genotypes and a random one trained from scratch (2 seeds each); test top-1.
+bench-darts: $(STAMP)
+	$(PY) benchmarks/darts_cifar.py --per-class 400 --epochs 7 --retrain-epochs 5 --retrain-seeds 0 1 --threads 1 --out runs/bench-darts
+
+# About 35 minutes on 2 cores (needs ../shared/data/cifar10): a teacher CLIP on CIFAR-10 captions, then a
+# half-size student by inheritance + affinity mimicking vs from scratch; zero-shot test top-1 of all three.
+bench-tinyclip: $(STAMP)
+	$(PY) benchmarks/tinyclip_cifar.py --data-path ../shared/data/cifar10 --teacher-epochs 4 --student-epochs 2 --threads 1 --out runs/bench-tinyclip
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
