@@ -112,19 +112,18 @@ OPS: dict[str, Callable[[int, int, bool], nn.Module]] = {
 
 
 class DropPath(nn.Module):
-    """Zero a sample's op output with probability `owner.drop_path_prob` (read at run time, so the model's
-    one attribute sets every edge), scaling the kept ones."""
+    """Zero a sample's op output with probability `p`, scaling the kept ones (`DartsNet.drop_path_prob` sets
+    every edge's `p`, as the reference's `drop_path_prob(p)`)."""
 
-    def __init__(self, owner: Callable[[], float]) -> None:
+    def __init__(self, p: float = 0.0) -> None:
         super().__init__()
-        self._prob = owner
+        self.p = p
 
     def forward(self, x: Tensor) -> Tensor:
-        p = self._prob()
-        if not self.training or p <= 0:
+        if not self.training or self.p <= 0:
             return x
-        keep = torch.empty(x.shape[0], 1, 1, 1, device=x.device, dtype=x.dtype).bernoulli_(1 - p)
-        return x * keep / (1 - p)
+        keep = torch.empty(x.shape[0], 1, 1, 1, device=x.device, dtype=x.dtype).bernoulli_(1 - self.p)
+        return x * keep / (1 - self.p)
 
 
 def stage_plan(layers: tuple[int, ...], channels: int, stem_multiplier: int, n_nodes: int, layout: str) -> list:
@@ -166,8 +165,7 @@ def run_stem(stem: nn.ModuleList, x: Tensor) -> tuple[Tensor, Tensor]:
 class Cell(nn.Module):
     """One cell of a genotype: preprocess both inputs to `c` channels, run each node's two ops, concat."""
 
-    def __init__(self, genotype: Genotype, c_pp: int, c_p: int, c: int, reduction_prev: bool, reduction: bool,
-                 drop: Callable[[], float]) -> None:  # fmt: skip
+    def __init__(self, genotype: Genotype, c_pp: int, c_p: int, c: int, reduction_prev: bool, reduction: bool) -> None:
         super().__init__()
         self.reduction = reduction
         self.preproc0 = FactorizedReduce(c_pp, c) if reduction_prev else StdConv(c_pp, c, 1, 1, 0)
@@ -181,7 +179,7 @@ class Cell(nn.Module):
             row = nn.ModuleList()
             for op_name, j in node:
                 op = OPS[op_name](c, 2 if reduction and j < 2 else 1, True)
-                row.append(op if isinstance(op, nn.Identity) else nn.Sequential(op, DropPath(drop)))
+                row.append(op if isinstance(op, nn.Identity) else nn.Sequential(op, DropPath()))
             self.dag.append(row)
 
     def forward(self, s0: Tensor, s1: Tensor) -> Tensor:
@@ -242,12 +240,12 @@ class DartsNet(nn.Module):
             "num_classes": num_classes, "auxiliary": auxiliary, "stem_multiplier": stem_multiplier,
             "n_nodes": n_nodes, "img_size": img_size, "drop_path_rate": drop_path_rate,
         }  # fmt: skip
-        self.num_classes, self.img_size, self.drop_path_prob = num_classes, img_size, drop_path_rate
+        self.num_classes, self.img_size = num_classes, img_size
         self.feature_extractor = darts_stem(layout, channels * stem_multiplier)
         plan = stage_plan(tuple(layers), channels, stem_multiplier, n_nodes, layout)
         self.nas_layers = nn.ModuleList(nn.ModuleList() for _ in layers)
         for s, c_pp, c_p, c, red_p, red in plan:
-            cell = Cell(self.genotype, c_pp, c_p, c, red_p, red, lambda: self.drop_path_prob)
+            cell = Cell(self.genotype, c_pp, c_p, c, red_p, red)
             self.nas_layers[s].append(cell)
         c_out = plan[-1][3] * n_nodes
         self.aux_stage = len(layers) - 2
@@ -258,6 +256,18 @@ class DartsNet(nn.Module):
             self.aux_head = AuxHead(c_aux, num_classes, layout, max(img_size // stride, 1))
         self.fc = nn.Linear(c_out, num_classes)
         self.aux_logits: Tensor | None = None
+        self.drop_path_prob = drop_path_rate
+
+    @property
+    def drop_path_prob(self) -> float:
+        return self._drop_path_prob
+
+    @drop_path_prob.setter
+    def drop_path_prob(self, p: float) -> None:
+        self._drop_path_prob = float(p)
+        for m in self.modules():
+            if isinstance(m, DropPath):
+                m.p = self._drop_path_prob
 
     @property
     def arch(self) -> Genotype:
