@@ -39,9 +39,7 @@ class TrainConfig:
     min_mmacs: float = 0.0  # supernet tasks: sample only paths of at least this many million MACs
     max_mmacs: float | None = None  # supernet tasks: ... and at most this many (null: no bound)
     cream: dict[str, Any] = field(default_factory=dict)  # task cream: CreamConfig fields (board_size, pick, ...)
-    darts: dict[str, Any] = field(
-        default_factory=dict
-    )  # tasks cdarts / darts: DartsSearchConfig fields (alpha_lr, ...)
+    darts: dict[str, Any] = field(default_factory=dict)  # darts / cdarts: DartsSearchConfig (alpha_lr, cycle_epochs..)
     clip: dict[str, Any] = field(default_factory=dict)  # tasks clip / tinyclip: ClipConfig fields (alpha, auto, ...)
     bilateral: bool = False  # supernet: alternate left / right width slicing step by step (BCNet, ViTAS)
     teacher: str | None = (
