@@ -10,18 +10,22 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from vitnas.models.registry import create_model
 
-__all__ = ["count_macs", "model_input_size"]
+__all__ = ["count_macs", "model_input_size", "model_macs"]
 
 
 def count_macs(name: str, **overrides: Any) -> int:
-    """MACs of one image at the model's input size: FlopCounterMode over a forward on the meta device,
-    so nothing is computed and fused CPU attention kernels (which the counter does not see) are not
-    chosen."""
+    """MACs of one image of a registered model at its input size (see `model_macs`)."""
     with torch.device("meta"):
-        model = create_model(name, **overrides).eval()
-        counter = FlopCounterMode(display=False)
-        with counter, torch.no_grad():
-            model(torch.zeros(1, *model_input_size(model)))
+        return model_macs(create_model(name, **overrides))
+
+
+def model_macs(model: nn.Module) -> int:
+    """MACs of one image at the model's input size: FlopCounterMode over a forward of a model built on the
+    meta device, so nothing is computed and fused CPU attention kernels (which the counter does not see)
+    are not chosen."""
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model.eval()(torch.zeros(1, *model_input_size(model), device="meta"))
     return counter.get_total_flops() // 2
 
 

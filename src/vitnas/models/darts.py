@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from vitnas.models.registry import register_model
 from vitnas.space.darts import Genotype, published_genotype
 
-__all__ = ["OPS", "DartsNet", "FactorizedReduce", "StdConv", "darts_stem", "stage_plan"]
+__all__ = ["OPS", "ConvHead", "DartsNet", "conv_head", "FactorizedReduce", "StdConv", "darts_stem", "stage_plan"]
 
 log = logging.getLogger(__name__)
 
@@ -189,27 +189,51 @@ class Cell(nn.Module):
         return torch.cat([states[i] for i in self.concat], dim=1)
 
 
-class AuxHead(nn.Module):
-    """The reference's auxiliary classifier (CIFAR: pool 5 stride 3 on an 8x8 map; ImageNet: stride 2 on
-    7x7, without the second BatchNorm, as the reference's typo left it)."""
+class ConvHead(nn.Module):
+    """The reference's small classifiers on a feature map, DARTS's auxiliary head and CDARTS's distillation
+    heads: ReLU, average pool, 1x1 conv to 128, BN, ReLU, conv to 768, BN (unless `second_bn` is off), ReLU,
+    global pool, linear."""
 
-    def __init__(self, c: int, num_classes: int, layout: str, map_size: int) -> None:
+    def __init__(
+        self,
+        c: int,
+        num_classes: int,
+        *,
+        pool: int,
+        stride: int,
+        conv_kernel: int,
+        affine: bool = True,
+        second_bn: bool = True,
+    ) -> None:
         super().__init__()
-        k, stride = min(5, map_size), 3 if layout == "cifar" else 2
         layers: list[nn.Module] = [
-            nn.ReLU(inplace=True),
-            nn.AvgPool2d(k, stride=stride, padding=0, count_include_pad=False),
+            nn.ReLU(),
+            nn.AvgPool2d(pool, stride=stride, padding=0, count_include_pad=False),
             nn.Conv2d(c, 128, 1, bias=False),
-            nn.BatchNorm2d(128),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(128, 768, min(2, max(1, (map_size - k) // stride + 1)), bias=False),
+            nn.BatchNorm2d(128, affine=affine),
+            nn.ReLU(),
+            nn.Conv2d(128, 768, conv_kernel, bias=False),
         ]
-        layers += [nn.BatchNorm2d(768), nn.ReLU(inplace=True)] if layout == "cifar" else [nn.ReLU(inplace=True)]
+        layers += [nn.BatchNorm2d(768, affine=affine), nn.ReLU()] if second_bn else [nn.ReLU()]
         self.features = nn.Sequential(*layers)
         self.classifier = nn.Linear(768, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.classifier(self.features(x).mean((2, 3)))
+
+
+def conv_head(c: int, num_classes: int, map_size: int, *, pool: int, stride: int, **kw: Any) -> ConvHead:
+    """A `ConvHead` for a `map_size` map: the pool and the 2x2 conv shrink to fit smaller maps than the
+    reference's."""
+    k = min(pool, map_size)
+    return ConvHead(c, num_classes, pool=k, stride=stride, conv_kernel=min(2, (map_size - k) // stride + 1), **kw)
+
+
+def aux_head(c: int, num_classes: int, layout: str, map_size: int) -> ConvHead:
+    """The reference's auxiliary classifier (CIFAR: pool 5 stride 3 on an 8x8 map; ImageNet: stride 2 on
+    7x7, without the second BatchNorm, as the reference's typo left it)."""
+    cifar = layout == "cifar"
+    return conv_head(c, num_classes, map_size, pool=5, stride=3 if cifar else 2, second_bn=cifar)
 
 
 class DartsNet(nn.Module):
@@ -253,7 +277,7 @@ class DartsNet(nn.Module):
         if auxiliary and len(layers) >= 2:
             c_aux = next(c * n_nodes for s, _, _, c, _, _ in reversed(plan) if s == self.aux_stage)
             stride = 4 if layout == "cifar" else 32
-            self.aux_head = AuxHead(c_aux, num_classes, layout, max(img_size // stride, 1))
+            self.aux_head = aux_head(c_aux, num_classes, layout, max(img_size // stride, 1))
         self.fc = nn.Linear(c_out, num_classes)
         self.aux_logits: Tensor | None = None
         self.drop_path_prob = drop_path_rate

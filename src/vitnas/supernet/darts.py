@@ -17,14 +17,23 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.flop_counter import FlopCounterMode
 
-from vitnas.models.darts import OPS, DartsNet, FactorizedReduce, StdConv, darts_stem, num_params_without_aux, run_stem
+from vitnas.costs.macs import model_macs
+from vitnas.models.darts import (
+    OPS,
+    DartsNet,
+    FactorizedReduce,
+    StdConv,
+    conv_head,
+    darts_stem,
+    num_params_without_aux,
+    run_stem,
+)
 from vitnas.models.darts import stage_plan as plan_of
 from vitnas.space.darts import PRIMITIVES, DartsSpace, Genotype, derive_genotype
 from vitnas.supernet.base import ActiveArch
 
-__all__ = ["CDARTSSupernet", "DartsSupernet", "DistillHead", "MixedOp"]
+__all__ = ["CDARTSSupernet", "DartsSupernet", "MixedOp"]
 
 
 class MixedOp(nn.Module):
@@ -180,7 +189,7 @@ class DartsSupernet(ActiveArch, nn.Module):
         return self.forward_head(self.forward_stages(x, detach_alpha=detach_alpha)[-1])
 
     # -- protocol: extraction and costs --------------------------------------------------------------
-    def _child(self, arch: Genotype, device: str | torch.device | None = None) -> DartsNet:
+    def _child(self, arch: Genotype, device: str | torch.device | None = None, img_size: int | None = None) -> DartsNet:
         with torch.device(device or "cpu"):
             return DartsNet(
                 arch,
@@ -191,7 +200,7 @@ class DartsSupernet(ActiveArch, nn.Module):
                 auxiliary=self.space.auxiliary and self.role == "eval",
                 stem_multiplier=self.space.stem_multiplier,
                 n_nodes=self.space.n_nodes,
-                img_size=self.img_size,
+                img_size=img_size or self.img_size,
                 drop_path_rate=self.drop_path_rate,
             )
 
@@ -223,12 +232,7 @@ class DartsSupernet(ActiveArch, nn.Module):
 
     def num_macs(self, arch: Genotype | None = None, img_size: int | None = None) -> int:
         arch = self.check_arch(arch if arch is not None else self._arch)
-        size = img_size or self.img_size
-        model = self._child(arch, "meta").eval()
-        counter = FlopCounterMode(display=False)
-        with counter, torch.no_grad():
-            model(torch.zeros(1, 3, size, size, device="meta"))
-        return counter.get_total_flops() // 2
+        return model_macs(self._child(arch, "meta", img_size=img_size))
 
 
 _DAG = re.compile(r"^(nas_layers\.\d+\.\d+)\.dag\.(\d+)\.(\d+)\.(?:0\.)?(.*)$")
@@ -245,31 +249,6 @@ def _source_key(key: str, arch: Genotype, model: DartsNet, names: tuple[str, ...
     reduction = model.nas_layers[stage][cell].reduction
     op, j = (arch.reduce if reduction else arch.normal)[node][edge]
     return f"{prefix}.dag.{node}.{j}._ops.{names.index(op)}.{rest}"
-
-
-class DistillHead(nn.Module):
-    """CDARTS's distillation head on a stage output (the reference's `DistillHeadCIFAR`: pool 6 stride 2,
-    1x1 conv to 128, 2x2 conv to 768, BatchNorm without affine, global pool, linear); kernels shrink to fit
-    maps smaller than the reference's 16 and 8 px."""
-
-    def __init__(self, c: int, num_classes: int, map_size: int) -> None:
-        super().__init__()
-        k = min(6, map_size)
-        pooled = (map_size - k) // 2 + 1
-        self.features = nn.Sequential(
-            nn.ReLU(),
-            nn.AvgPool2d(k, stride=2, padding=0, count_include_pad=False),
-            nn.Conv2d(c, 128, 1, bias=False),
-            nn.BatchNorm2d(128, affine=False),
-            nn.ReLU(),
-            nn.Conv2d(128, 768, min(2, pooled), bias=False),
-            nn.BatchNorm2d(768, affine=False),
-            nn.ReLU(),
-        )
-        self.classifier = nn.Linear(768, num_classes)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.classifier(self.features(x).mean((2, 3)))
 
 
 class CDARTSSupernet(nn.Module):
@@ -298,8 +277,9 @@ class CDARTSSupernet(nn.Module):
         size = self.search.img_size // (4 if space.layout == "cifar" else 32)
         n = len(space.layers)
         c1, c2 = self.search.stage_channels[n - 3], self.search.stage_channels[n - 2]
-        self.distill_head1 = DistillHead(c1, num_classes, max(size * 2, 1))
-        self.distill_head2 = DistillHead(c2, num_classes, max(size, 1))
+        # the reference's DistillHeadCIFAR: pool 6 stride 2, BatchNorm without affine
+        self.distill_head1 = conv_head(c1, num_classes, max(size * 2, 1), pool=6, stride=2, affine=False)
+        self.distill_head2 = conv_head(c2, num_classes, max(size, 1), pool=6, stride=2, affine=False)
         self.register_buffer("ensemble_weights", torch.full((3,), 1 / 3))  # softmax of the fixed 0.333s
 
     # the protocol, answered by the evaluation network

@@ -144,13 +144,9 @@ class _GradientSearch(Task):
         return self._search_net().weight_parameters()
 
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
-        params = self._main_params()
-        decay = [p for p in params if p.ndim > 1]
-        no_decay = [p for p in params if p.ndim <= 1]
-        return [
-            {"params": decay, "weight_decay": self.cfg.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ]
+        """The base task's decay / no-decay groups, restricted to the weights the main optimizer trains."""
+        keep = {id(p) for p in self._main_params()}
+        return [{**g, "params": [p for p in g["params"] if id(p) in keep]} for g in super().param_groups(model)]
 
     def extra_optimizers(self, model: nn.Module) -> dict[str, torch.optim.Optimizer]:
         d = self.darts
@@ -273,21 +269,23 @@ class CDARTSTask(_GradientSearch):
         self.eval_opt = torch.optim.SGD(params, lr=d.eval_lr, momentum=0.9, weight_decay=d.eval_weight_decay)
         return {**out, "eval": self.eval_opt}
 
-    def phase(self, epoch: int) -> str:
-        """pretrain | eval_warmup | search, and whether `epoch` starts a cycle."""
+    def _cycle_position(self, epoch: int) -> int | None:
+        """Epochs since the current cycle started (None during the search network's warm-up)."""
         d = self.darts
         if epoch < d.pretrain_epochs:
-            return "pretrain"
-        k = (epoch - d.pretrain_epochs) % (d.eval_warmup_epochs + d.cycle_epochs)
-        return "eval_warmup" if k < d.eval_warmup_epochs else "search"
+            return None
+        return (epoch - d.pretrain_epochs) % (d.eval_warmup_epochs + d.cycle_epochs)
 
-    def _cycle_start(self, epoch: int) -> bool:
-        d = self.darts
-        return epoch >= d.pretrain_epochs and (epoch - d.pretrain_epochs) % (d.eval_warmup_epochs + d.cycle_epochs) == 0
+    def phase(self, epoch: int) -> str:
+        """pretrain | eval_warmup | search."""
+        k = self._cycle_position(epoch)
+        if k is None:
+            return "pretrain"
+        return "eval_warmup" if k < self.darts.eval_warmup_epochs else "search"
 
     def loss(self, batch: Batch) -> StepResult:
         self.epoch, d = batch.epoch, self.darts
-        if self._cycle_start(batch.epoch) and self.cycle_start != batch.epoch:
+        if self._cycle_position(batch.epoch) == 0 and self.cycle_start != batch.epoch:
             self.model.set_active(self.genotype())
             self.cycle_start = batch.epoch
             log.info("epoch %d: the evaluation network takes %s", batch.epoch, self.model.arch)
