@@ -10,6 +10,8 @@ PIP_INSTALL := $(PY) -m pip install --quiet --disable-pip-version-check -c const
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP_INSTALL) -e '.[dev]'
+	# CLIP's BPE vocabulary file (see src/vitnas/data/tokenizer.py): open_clip's package, without its torchvision
+	$(PIP_INSTALL) --no-deps 'open-clip-torch>=2.20'
 	touch $(STAMP)
 
 install: $(STAMP)

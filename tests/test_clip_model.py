@@ -88,7 +88,7 @@ def test_tokenize_pads_truncates_keeping_eot_and_decodes():
 
 def test_missing_vocabulary_names_the_package(monkeypatch):
     monkeypatch.setattr(tokenizer_module, "VOCAB_DISTRIBUTIONS", ("no-such-distribution",))
-    with pytest.raises(FileNotFoundError, match="openai-clip"):
+    with pytest.raises(FileNotFoundError, match="open-clip-torch"):
         ClipTokenizer()
 
 

@@ -3,13 +3,14 @@ TinyCLIP checkpoint: vocabulary 49,408, `<start_of_text>` = 49406, `<end_of_text
 
     tokens = tokenize(["a photo of a dog", "a cat"])      # LongTensor (2, 77), zero-padded
 
-Text is cleaned as open_clip's default ("lower"): ftfy's mojibake repair (when ftfy is installed; it comes
-with the vocabulary's package), HTML entities unescaped twice, whitespace collapsed, lower-cased.
+Text is cleaned as open_clip's default ("lower"): ftfy's mojibake repair, HTML entities unescaped twice,
+whitespace collapsed, lower-cased.
 
-The merges file `bpe_simple_vocab_16e6.txt.gz` is not downloaded at run time: it is read from the
-`openai-clip` distribution (a vitnas dependency whose own dependencies are only ftfy, regex and tqdm), or
-from an installed `open-clip-torch` / `clip-anytorch`. Those packages are never imported (importing them
-needs torchvision); the file is found through the distribution's file list and checked by its hash.
+The merges file `bpe_simple_vocab_16e6.txt.gz` is not downloaded at run time: it is read from the installed
+`open-clip-torch` distribution (mlfoundations/open_clip, maintained; `make install` puts it in with `--no-deps`,
+because its torchvision and timm requirements do not install against the CPU torch build), or from an
+installed `clip-anytorch` / `openai-clip`. Those packages are never imported (importing them needs
+torchvision); the file is found through the distribution's file list and checked by its hash.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import logging
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+import ftfy
 import regex
 import torch
 
@@ -33,8 +35,8 @@ log = logging.getLogger(__name__)
 VOCAB_NAME = "bpe_simple_vocab_16e6.txt.gz"
 # sha256 of the one vocabulary file every CLIP release ships (OpenAI CLIP, open_clip, TinyCLIP: identical)
 VOCAB_SHA256 = "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a"
-# distributions that ship the file, in order of preference (the first is vitnas's dependency)
-VOCAB_DISTRIBUTIONS = ("openai-clip", "open-clip-torch", "clip-anytorch")
+# distributions that ship the file, in order of preference (the first is the maintained one vitnas installs)
+VOCAB_DISTRIBUTIONS = ("open-clip-torch", "clip-anytorch", "openai-clip")
 NUM_MERGES = 49152 - 256 - 2  # merges used by CLIP: the file has more lines than the vocabulary takes
 SOT_TOKEN, EOT_TOKEN = "<start_of_text>", "<end_of_text>"
 VOCAB_SIZE = 49408
@@ -59,8 +61,9 @@ def vocab_file() -> Path:
                 if path.is_file():
                     return path
     raise FileNotFoundError(
-        f"CLIP's BPE vocabulary {VOCAB_NAME} was not found: it comes with the 'openai-clip' package, a vitnas "
-        f"dependency (`pip install openai-clip`); 'open-clip-torch' or 'clip-anytorch' also provide it"
+        f"CLIP's BPE vocabulary {VOCAB_NAME} was not found in any of {list(VOCAB_DISTRIBUTIONS)}: install "
+        "open_clip's package, which ships it (`pip install --no-deps open-clip-torch`: vitnas only reads that file, "
+        "so its torchvision / timm requirements are not needed), or pass the file as ClipTokenizer(vocab_path)"
     )
 
 
@@ -76,13 +79,7 @@ def _byte_table() -> dict[int, str]:
 
 def _clean(text: str) -> str:
     """open_clip's "lower" cleaning: mojibake repair, HTML entities, collapsed whitespace, lower case."""
-    try:
-        import ftfy
-
-        text = ftfy.fix_text(text)
-    except ImportError:  # only mojibake repair is lost; plain text tokenizes the same
-        pass
-    text = html.unescape(html.unescape(text)).strip()
+    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
     return " ".join(text.split()).lower()
 
 
