@@ -204,8 +204,10 @@ def test_shard_training_with_loader_workers_resumes_exactly(shards):
     full = [b.captions for b in stream.batches(2, epoch=0, seed=3, steps=6)]
     assert len(full) == 6
     assert [b.captions for b in stream.batches(2, epoch=0, seed=3, steps=6, start=3)] == full[3:]
-    with pytest.raises(DataError, match="3 shards cannot feed 2 ranks x 2 loader workers"):
-        next(iter(stream.batches(2, world=2)))
+    assert stream.loader_workers(1) == 2  # each worker reads its own shards: 3 shards feed 2 on one rank, 1 on two
+    assert stream.loader_workers(2) == 1
+    with pytest.raises(DataError, match=r"3 shard\(s\) cannot feed 4 ranks"):
+        next(iter(stream.batches(2, world=4)))
 
 
 def test_ranks_read_disjoint_shards(shards):

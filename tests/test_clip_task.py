@@ -346,3 +346,127 @@ def test_every_registered_clip_model_runs_and_trains(name):
     (F.cross_entropy(logits, torch.arange(2)) + F.cross_entropy(logits.T, torch.arange(2))).backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None]
     assert not missing, missing
+
+
+def test_clip_trains_on_streamed_shards_and_resumes_exactly(tmp_path, capsys):
+    """Webdataset shards as the training data: captions stream with each batch (no index), an epoch is the
+    samples of sizes.json over the batch, and a run stopped mid-epoch resumes to the uninterrupted run's weights
+    (the stream restarts at the checkpoint's batch, loader workers included)."""
+    from vitnas.data.image_text import write_shards
+
+    digits = load_digits(16, val_per_class=5)
+    images, labels = digits.train.take(np.arange(96))
+    captions = [f"a handwritten {int(y)} number {i}" for i, y in enumerate(labels)]
+    write_shards(zip(images, captions, labels.tolist()), tmp_path / "shards" / "part-%04d.tar", maxcount=24)
+    seen: list[list[str]] = []
+
+    def record(batch):  # the captions each step trains on
+        seen.append(batch.extras["captions"])
+
+    kw = dict(
+        task="clip",
+        model="clip_tiny",
+        data_path=str(tmp_path / "shards" / "part-{0000..0003}.tar"),
+        batch_size=16,
+        epochs=2,
+        workers=2,
+        val_per_class=5,
+        clip={**CLIP_OPTS, "eval_data": "digits", "shuffle_buffer": 8},
+    )
+    full = Trainer(config(tmp_path / "full", **kw))
+    assert full.steps_per_epoch == 6 and full.data.name == "shards" and len(full.data.train) == 96
+    loss = full.task.loss
+    full.task.loss = lambda batch: (record(batch), loss(batch))[1]
+    full.fit()
+    assert len(seen) == 12 and all(len(c) == 16 for c in seen)
+    first_epoch = [c for batch in seen[:6] for c in batch]
+    assert sorted(first_epoch) == sorted(captions)  # one pass: every pair once
+    assert seen[6:] != seen[:6]  # the next epoch is reshuffled
+    i = int(seen[0][0].split()[-1])
+    assert int(seen[0][0].split()[2]) == int(labels[i])
+
+    def stop(info):
+        if info.step == 10:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        Trainer(config(tmp_path / "cut", **kw), progress=stop).fit()
+    assert ckpt_step(tmp_path / "cut" / "last.safetensors") == 8  # mid second epoch
+    resumed = Trainer(config(tmp_path / "cut", **kw), resume=True)
+    seen.clear()
+    loss = resumed.task.loss
+    resumed.task.loss = lambda batch: (record(batch), loss(batch))[1]
+    resumed.fit()
+    assert len(seen) == 4
+    a, meta_a = read_checkpoint(tmp_path / "full" / "last.safetensors")
+    b, meta_b = read_checkpoint(tmp_path / "cut" / "last.safetensors")
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert meta_a["history"] == meta_b["history"] and "val_top1" in meta_b["history"][-1]
+    assert cli_main(["evaluate-zeroshot", str(tmp_path / "cut" / "last.safetensors")]) == 0
+    assert "val split of digits" in capsys.readouterr().out
+
+
+DDP_SHARDS = """
+import json, sys, torch
+from safetensors.torch import save_file
+from vitnas.data.datasets import Split
+from vitnas.train import Trainer, TrainConfig
+out, shards = sys.argv[1], sys.argv[2]
+cfg = TrainConfig(task="clip", model="clip_tiny", data_path=shards, img_size=16, recipe="digits", batch_size=8,
+                  epochs=1, val_per_class=5, lr=2e-2, threads=1, workers=1, ckpt_every=1000, out_dir=out,
+                  clip={"context_length": 12, "eval_data": "digits"})
+trainer = Trainer(cfg)
+seen, loss = [], trainer.task.loss
+trainer.task.loss = lambda batch: (seen.extend(batch.extras["captions"]), loss(batch))[1]
+scored, sequential = [], Split.sequential
+def counted(self, *args):  # the validation images this rank scores
+    for images, labels in sequential(self, *args):
+        scored.append(len(labels))
+        yield images, labels
+Split.sequential = counted
+result = trainer.fit()
+rank = trainer.dist.rank
+json.dump({"captions": seen, "history": result["history"], "scored": sum(scored)}, open(f"{out}/rank{rank}.json", "w"))
+save_file({k: v.contiguous() for k, v in trainer.model.state_dict().items()}, f"{out}/rank{rank}.safetensors")
+"""
+
+
+def test_torchrun_two_ranks_train_on_disjoint_shards_and_shard_zero_shot_evaluation(tmp_path):
+    """2 ranks on 4 shards: each reads its own shards (disjoint captions), the weights stay equal, and the
+    zero-shot validation score, each rank scoring half the images, equals one process scoring them all."""
+    from safetensors.torch import load_file
+
+    from vitnas.data.image_text import write_shards
+    from vitnas.models.clip import CLIP_MEAN, CLIP_STD
+    from vitnas.zeroshot import evaluate_zeroshot, zeroshot_classifier
+
+    digits = load_digits(16, val_per_class=5)
+    images, labels = digits.train.take(np.arange(64))
+    pairs = [(im, f"a handwritten {int(y)} number {i}", int(y)) for i, (im, y) in enumerate(zip(images, labels))]
+    write_shards(pairs, tmp_path / "shards" / "part-%04d.tar", maxcount=16)
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SHARDS)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(
+        [*cmd, str(tmp_path), str(tmp_path / "shards" / "part-{0000..0003}.tar")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    runs = [json.loads((tmp_path / f"rank{k}.json").read_text()) for k in (0, 1)]
+    assert [len(x["captions"]) for x in runs] == [32, 32]  # 64 samples / (8 x 2 ranks) = 4 steps of 8 each
+    assert not set(runs[0]["captions"]) & set(runs[1]["captions"])
+    w0, w1 = load_file(tmp_path / "rank0.safetensors"), load_file(tmp_path / "rank1.safetensors")
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)
+    assert runs[0]["history"] == runs[1]["history"]
+    assert [x["scored"] for x in runs] == [25, 25]  # each rank scores half of the 50 validation images
+    model, meta = load_model(tmp_path / "last.safetensors")
+    clip = meta["clip"]
+    tok = lambda texts: tokenize(texts, clip["context_length"])  # noqa: E731
+    classifier = zeroshot_classifier(model, clip["classnames"], clip["templates"], tok)
+    one = evaluate_zeroshot(model, digits.val, classifier, mean=CLIP_MEAN, std=CLIP_STD, img_size=16)
+    assert runs[0]["history"][-1]["val_top1"] == pytest.approx(one["top1"])

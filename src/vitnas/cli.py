@@ -474,15 +474,17 @@ def cmd_train_clip(args: argparse.Namespace) -> int:
 
 def _checkpoint_zeroshot_data(args: argparse.Namespace, meta: dict):
     """The images a checkpoint is scored on: --data-path (any class folder: zero-shot needs no training on its
-    classes), else the data it was validated on (a CSV-trained run's eval_data), with its train / val split."""
+    classes), else the data it was validated on (eval_data of a run trained on CSV pairs or shards), with its
+    train / val split."""
     from vitnas.data import load_data, load_data_of
+    from vitnas.data.image_text import is_pairs
 
     cfg = meta["config"]
     path = args.data_path
-    if path is None and str(cfg.get("data_path") or "").lower().endswith((".csv", ".tsv")):
+    if path is None and is_pairs(cfg.get("data_path")):
         path = (cfg.get("clip") or {}).get("eval_data")
         if path is None:
-            raise ValueError(f"{args.checkpoint}: trained on CSV pairs without eval_data; pass --data-path")
+            raise ValueError(f"{args.checkpoint}: trained on image-caption pairs without eval_data; pass --data-path")
         path = None if path == "digits" else path
     elif path is None:
         return load_data_of(meta, source=str(args.checkpoint))

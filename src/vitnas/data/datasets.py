@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from vitnas.data.folder import DataError, _decode_one, load_cached_split, scan_image_folder, verify_images
 
-__all__ = ["ImageData", "Split", "load_data", "load_digits", "holdout_split", "epoch_batches"]
+__all__ = ["ImageData", "Split", "StreamSplit", "load_data", "load_digits", "holdout_split", "epoch_batches"]
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +99,30 @@ class Split:
         yield from self.batches([idx[i : i + batch_size] for i in range(0, len(idx), batch_size)])
 
 
+class StreamSplit:
+    """Training data read as a stream instead of by index (webdataset shards): an epoch is `steps_per_epoch`
+    batches cut from a seeded stream, and each batch carries its per-sample data (captions) in `extras`
+    instead of dataset indices. The trainer takes it in place of an indexed `Split` as `ImageData.train`; a
+    resumed run asks `epoch(..., start=k)` for the same epoch without its first k batches, so the stream must
+    be a pure function of (seed, epoch, rank, world)."""
+
+    image_size: int
+
+    def __len__(self) -> int:
+        """Samples in one pass (for summaries)."""
+        raise NotImplementedError
+
+    def steps_per_epoch(self, batch_size: int, world: int) -> int:
+        """Batches each of `world` ranks takes per epoch (the same on every rank)."""
+        raise NotImplementedError
+
+    def epoch(
+        self, batch_size: int, *, epoch: int, seed: int, rank: int, world: int, start: int = 0
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict[str, Any]]]:
+        """(uint8 images (B, 3, S, S), labels (B,), extras) of this rank's batches of `epoch` from `start`."""
+        raise NotImplementedError
+
+
 class _Streaming(Dataset):
     def __init__(self, split: Split) -> None:
         self.split = split
@@ -117,7 +141,7 @@ class _Streaming(Dataset):
 class ImageData:
     name: str
     classes: list[str]
-    train: Split
+    train: Split | StreamSplit
     val: Split
     test: Split
 

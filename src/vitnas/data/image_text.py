@@ -27,7 +27,15 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from vitnas._io import atomic_write_text
-from vitnas.data.datasets import DIGITS_MAX_VAL, ImageData, Split, epoch_batches, load_data, load_digits
+from vitnas.data.datasets import (
+    DIGITS_MAX_VAL,
+    ImageData,
+    Split,
+    StreamSplit,
+    epoch_batches,
+    load_data,
+    load_digits,
+)
 from vitnas.data.folder import DataError, _decode_one, _resize_center_crop
 
 __all__ = [
@@ -36,6 +44,7 @@ __all__ = [
     "DIGIT_TEMPLATES",
     "IMAGENET_TEMPLATES",
     "BadSamples",
+    "CaptionStream",
     "CaptionedSplit",
     "CsvPairs",
     "ImageTextBatch",
@@ -44,6 +53,8 @@ __all__ = [
     "ShardStream",
     "caption_choices",
     "fill_template",
+    "is_pairs",
+    "is_shards",
     "load_image_text",
     "read_csv_pairs",
     "write_shards",
@@ -613,6 +624,25 @@ class ShardStream:
             raise DataError(f"{self.num_samples} samples are fewer than one batch of {batch_size} x {world} ranks")
         return steps
 
+    def loader_workers(self, world: int) -> int:
+        """Loader workers per rank: `workers`, fewer when there are too few shards for every worker of every
+        rank to read its own (at least 1: the rank's own process)."""
+        if len(self.urls) < world:
+            raise DataError(
+                f"{len(self.urls)} shard(s) cannot feed {world} ranks (each rank reads its own shards); write more, "
+                f"smaller shards (write_shards maxcount) starting from {self.urls[0]}"
+            )
+        n = min(max(self.workers, 1), len(self.urls) // world)
+        if n < self.workers:
+            log.info(
+                "%d shards for %d rank(s): %d loader worker(s) per rank instead of %d",
+                len(self.urls),
+                world,
+                n,
+                self.workers,
+            )
+        return n
+
     def batches(
         self,
         batch_size: int,
@@ -632,12 +662,7 @@ class ShardStream:
             bad.report()
             return
         steps = self.steps_per_epoch(batch_size, world) if steps is None else steps
-        n_workers = max(self.workers, 1)
-        if len(self.urls) < world * n_workers:
-            raise DataError(
-                f"{len(self.urls)} shards cannot feed {world} ranks x {n_workers} loader workers (each reads its "
-                "own shards); write more, smaller shards or use fewer workers"
-            )
+        n_workers = self.loader_workers(world)
         plan = _TrainPlan(
             tuple(self.urls),
             self.size,
@@ -652,7 +677,7 @@ class ShardStream:
         )
         if self.workers > 0:
             stream: Iterable[ImageTextBatch] = DataLoader(
-                _ShardBatches(plan), batch_size=None, num_workers=self.workers, persistent_workers=False
+                _ShardBatches(plan), batch_size=None, num_workers=n_workers, persistent_workers=False
             )
         else:
             stream = plan.worker_batches(0, 1)
@@ -660,6 +685,28 @@ class ShardStream:
             if start + i >= steps:
                 break
             yield batch
+
+
+class CaptionStream(StreamSplit):
+    """Webdataset shards as the trainer's streamed training split: each batch's captions travel in
+    `extras["captions"]`, its labels are the shards' class labels (`cls`) or -1 where they have none."""
+
+    def __init__(self, shards: ShardStream) -> None:
+        self.shards = shards
+        self.image_size = shards.size
+
+    def __len__(self) -> int:
+        return self.shards.num_samples or 0
+
+    def steps_per_epoch(self, batch_size: int, world: int) -> int:
+        return self.shards.steps_per_epoch(batch_size, world)
+
+    def epoch(
+        self, batch_size: int, *, epoch: int, seed: int, rank: int, world: int, start: int = 0
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict[str, Any]]]:
+        for b in self.shards.batches(batch_size, epoch=epoch, seed=seed, rank=rank, world=world, start=start):
+            labels = b.labels if b.labels is not None else torch.full((len(b.captions),), -1, dtype=torch.long)
+            yield b.images, labels, {"captions": b.captions}
 
 
 def _encode_image(image: Any) -> tuple[str, bytes]:
@@ -741,12 +788,22 @@ class ImageTextData:
         return f"{self.name}: train {self.train.num_samples or 'unknown'} pairs, val {n_val or 'none'}{extra}"
 
 
-def _is_shards(path: str | Path | Sequence[str]) -> bool:
+def is_shards(path: str | Path | Sequence[str]) -> bool:
+    """Whether `path` names webdataset shards: a .tar file, a brace pattern ('shard-{000..009}.tar'), several
+    '::'-joined patterns, or a list of them."""
     if isinstance(path, Path):
         path = str(path)
     if not isinstance(path, str):
         return True  # a list of shards
     return path.endswith(".tar") or "{" in path or "::" in path
+
+
+def is_pairs(path: str | Path | Sequence[str] | None) -> bool:
+    """Whether `path` names image-caption pairs (a .csv / .tsv file or webdataset shards) rather than an
+    image-class folder or the bundled digits (None)."""
+    if path is None:
+        return False
+    return is_shards(path) or Path(path).suffix.lower() in (".csv", ".tsv")
 
 
 def _captioned(data: ImageData, classnames: Sequence[str], templates: Sequence[Template], name: str) -> ImageTextData:
@@ -783,7 +840,7 @@ def load_image_text(
     image-class folder (root/train/<class>), its images captioned with `templates` (CLIP's CIFAR-10 list by
     default) and split into train / held-out val as `load_data` does; a .csv / .tsv of (image path, caption);
     or webdataset shards (.tar, a brace pattern, or a list). `val_data` names the validation pairs of the last two."""
-    if data_path is None or (not _is_shards(data_path) and Path(data_path).is_dir()):
+    if data_path is None or (not is_shards(data_path) and Path(data_path).is_dir()):
         if data_path is None:
             data = load_digits(img_size, val_per_class=min(val_per_class, DIGITS_MAX_VAL), seed=seed)
             names, default = DIGIT_NAMES, DIGIT_TEMPLATES
@@ -803,7 +860,7 @@ def load_image_text(
         return out
 
     def source(path: str | Path | Sequence[str]) -> ImageTextSource:
-        if _is_shards(path):
+        if is_shards(path):
             return ShardStream(
                 path if not isinstance(path, Path) else str(path),
                 size=img_size,

@@ -59,7 +59,7 @@ class TrainConfig:
     distill_hidden_weight: float = 0.1  # minivit: weight of the hidden-state-relation loss
     distill_relation_heads: int = 1  # minivit: relation heads the q/k/v channels are split into (Ar)
     # -- data
-    data_path: str | None = None  # root with train/ and test/ (or val/) class folders; None = embedded digits
+    data_path: str | None = None  # train/, test/ (or val/) class folders; None: digits; CLIP: .csv/.tsv, .tar shards
     img_size: int | None = None  # default: the space's img_size
     val_per_class: int = 100  # training images per class held out for validation (search / selection)
     recipe: str = "cifar"  # augmentation recipe: deit | tinyvit (deit, 1 view per epoch) | cifar | digits | none

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ from torch import nn
 
 from vitnas.checkpoint import optimizer_state, read_checkpoint, read_metadata, save_checkpoint
 from vitnas.data.augment import recipe
-from vitnas.data.datasets import ImageData, epoch_batches, load_data
+from vitnas.data.datasets import ImageData, StreamSplit, epoch_batches, load_data
 from vitnas.evaluation import evaluate
 from vitnas.models.spec import spec_of
 from vitnas.precision import amp_dtype
@@ -134,7 +134,7 @@ class Trainer:
         self.ema = (
             {k: v.detach().clone().float() for k, v in self.model.state_dict().items()} if cfg.ema_decay > 0 else None
         )
-        self.steps_per_epoch = len(self.epoch_batches(0))
+        self.steps_per_epoch = self._steps_per_epoch()
         self.total_steps = self.steps_per_epoch * cfg.epochs
         if cfg.max_steps is not None:
             self.total_steps = min(self.total_steps, cfg.max_steps)
@@ -173,6 +173,9 @@ class Trainer:
             backward=lambda loss: self.scaler.scale(loss).backward(),
             evaluate=self._evaluate,
             all_reduce_mean=lambda tensors: all_reduce_mean_(tensors, self.dist),
+            rank=self.dist.rank,
+            world=self.dist.world,
+            all_reduce_sum=lambda tensor: all_reduce_sum(tensor, self.dist),
         )
         torch.manual_seed(cfg.seed)
         model = self.task.build_model(ctx, self.data.num_classes)
@@ -186,6 +189,35 @@ class Trainer:
 
     def _amp_dtype(self) -> torch.dtype | None:
         return amp_dtype(self.cfg.amp, self.device)
+
+    def _steps_per_epoch(self) -> int:
+        train = self.data.train
+        if not isinstance(train, StreamSplit):
+            return len(self.epoch_batches(0))
+        if self.aug_cfg.repeats > 1:
+            raise ValueError(
+                f"augment repeats={self.aug_cfg.repeats} (repeated augmentation) needs an indexed training split; "
+                f"{self.data.name} is streamed: set augment repeats=1"
+            )
+        return train.steps_per_epoch(self.cfg.batch_size, self.dist.world)
+
+    def epoch_data(
+        self, epoch: int, start: int = 0
+    ) -> Iterator[tuple[np.ndarray | None, torch.Tensor, torch.Tensor, dict[str, Any]]]:
+        """(dataset indices or None, uint8 images, labels, extras) of this rank's batches of `epoch` from batch
+        `start`: an indexed split by `epoch_batches`, a streamed one (`StreamSplit`) as it streams, with its
+        per-sample extras (captions)."""
+        train = self.data.train
+        if isinstance(train, StreamSplit):
+            cfg, d = self.cfg, self.dist
+            for images, labels, extras in train.epoch(
+                cfg.batch_size, epoch=epoch, seed=cfg.seed, rank=d.rank, world=d.world, start=start
+            ):
+                yield None, images, labels, extras
+            return
+        batches = self.epoch_batches(epoch)[start:]
+        for index, (images, labels) in zip(batches, train.batches(batches), strict=True):
+            yield index, images, labels, {}
 
     def epoch_batches(self, epoch: int) -> list[np.ndarray]:
         """The index batches of `epoch` on this rank (seeded by (seed, epoch); repeated augmentation)."""
@@ -323,10 +355,17 @@ class Trainer:
                     self.ema[k].mul_(d).add_(v.float(), alpha=1 - d)
         return loss_value
 
-    def train_step(self, images: torch.Tensor, labels: torch.Tensor, index: np.ndarray | None = None) -> StepInfo:
+    def train_step(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        index: np.ndarray | None = None,
+        extras: dict[str, Any] | None = None,
+    ) -> StepInfo:
         """One optimization step at `self.step` on a raw (un-augmented) batch; advances `self.step`.
-        `index`: the images' dataset indices, for tasks that read per-sample data. Seeds the global torch
-        RNG for the step (augmentation, dropout), as `fit` does."""
+        `index`: the images' dataset indices, for tasks that read per-sample data; `extras`: per-sample data a
+        streamed split carries with the batch (captions). Seeds the global torch RNG for the step
+        (augmentation, dropout), as `fit` does."""
         cfg, step = self.cfg, self.step
         epoch = step // self.steps_per_epoch
         self._seed_step(step)
@@ -337,7 +376,7 @@ class Trainer:
         labels = labels.to(self.device)
         x, targets = self.augment(images.to(self.device, non_blocking=True), labels, index, epoch)
         self.optimizer.zero_grad(set_to_none=True)
-        result = self.task.loss(Batch(x, targets, labels, index, epoch, step))
+        result = self.task.loss(Batch(x, targets, labels, index, epoch, step, extras or {}))
         loss = self._optimizer_step(result.loss)
         if not math.isfinite(loss):
             kept = (
@@ -382,10 +421,9 @@ class Trainer:
     def _run_epoch(self, logger: RunLog | None) -> None:
         cfg = self.cfg
         epoch, offset = divmod(self.step, self.steps_per_epoch)
-        batches = self.epoch_batches(epoch)[offset:]
         t_last, seen, ips = time.perf_counter(), 0, float("nan")
-        for index, (images, labels) in zip(batches, self.data.train.batches(batches), strict=True):
-            info = self.train_step(images, labels, index)
+        for index, images, labels, extras in self.epoch_data(epoch, offset):
+            info = self.train_step(images, labels, index, extras)
             seen += images.shape[0] * self.dist.world
             if self.step % cfg.log_every == 0 or self.step == self.total_steps:
                 now = time.perf_counter()

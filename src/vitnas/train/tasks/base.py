@@ -65,7 +65,8 @@ def task_class(name: str) -> type[Task]:
 class Batch:
     """One training step's input. `targets` are the augmented soft labels; `labels` the hard ones before
     mixing; `index` the dataset indices of the images (to look up per-sample data such as stored teacher
-    logits, together with `epoch`), None when the caller of `train_step` gave none."""
+    logits, together with `epoch`), None when the caller of `train_step` gave none or the split is a stream;
+    `extras` the per-sample data a streamed split carries with the batch (e.g. "captions")."""
 
     images: torch.Tensor
     targets: torch.Tensor
@@ -73,6 +74,7 @@ class Batch:
     index: np.ndarray | None
     epoch: int
     step: int
+    extras: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -96,6 +98,11 @@ class TaskContext:
     # average tensors across ranks in place (gradients of a task's own optimizer, statistics every rank must
     # agree on); a no-op in one process
     all_reduce_mean: Callable[[list[torch.Tensor]], None] = lambda tensors: None
+    # this process's rank among `world` ranks, and the sum of a tensor over the ranks (returned; the input is left
+    # alone): for a task that shards its own evaluation
+    rank: int = 0
+    world: int = 1
+    all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] = lambda tensor: tensor
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return autocast(self.device, self.amp_dtype)

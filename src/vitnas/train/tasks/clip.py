@@ -6,8 +6,9 @@ template drawn per (image index, epoch, seed) by `caption_choices`, so a run is 
 sees exactly the captions the uninterrupted one would. Every (template, class) caption is tokenized once, up
 front. A .csv / .tsv `data_path` of (image path, caption) rows (open_clip's layout) is read instead through the
 task's `load_data` hook, as an indexed split whose labels are row numbers; its zero-shot evaluation runs on
-`clip.eval_data` (a class folder or the digits). Webdataset shards are a stream, not an indexed split, so the
-trainer does not read them (`vitnas.data.image_text.ShardStream` does). Images are normalised with CLIP's mean /
+`clip.eval_data` (a class folder or the digits). Webdataset shards (a .tar, a brace pattern) are streamed: the
+trainer takes them as a `StreamSplit` whose batches carry their captions, resumable mid-epoch and sharded
+across ranks by shard (`vitnas.data.image_text.ShardStream`). Images are normalised with CLIP's mean /
 std; mixup and cutmix are switched off (they would blend images whose captions stay apart). Evaluation is
 zero-shot top-1 / top-5 on the validation split with the same prompts.
 
@@ -50,8 +51,12 @@ from vitnas.data.image_text import (
     DIGIT_NAMES,
     DIGIT_TEMPLATES,
     IMAGENET_TEMPLATES,
+    CaptionStream,
+    ShardStream,
     caption_choices,
     fill_template,
+    is_pairs,
+    is_shards,
     read_csv_pairs,
     readable_classname,
 )
@@ -115,7 +120,9 @@ class ClipConfig:
     )
     csv_img_key: str = "filepath"  # CSV column of image paths (relative to the CSV's folder); open_clip's default
     csv_caption_key: str = "title"  # CSV column of captions; open_clip's default
-    eval_data: str | None = None  # CSV training: zero-shot images, an image-class folder or 'digits'; null: no eval
+    eval_data: str | None = None  # CSV / shard training: zero-shot images, a class folder or 'digits'; null: none
+    shuffle_buffer: int = 1000  # shard training: samples in the seeded shuffle buffer of each loader worker
+    num_samples: int | None = None  # shard training: samples per epoch when no sizes.json lies beside the shards
 
     def __post_init__(self) -> None:
         source = "clip"
@@ -134,6 +141,8 @@ class ClipConfig:
         for name in ("weight", "mask_lr", "lambda_lr", "init_lambda"):
             check_range(source, name, getattr(self, name), 0.0)
         check_range(source, "sparsity_warmup", self.sparsity_warmup, 0)
+        check_range(source, "shuffle_buffer", self.shuffle_buffer, 1)
+        check_range(source, "num_samples", self.num_samples, 1)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> ClipConfig:
@@ -226,6 +235,7 @@ class ClipTask(Task):
         self.templates: tuple[str, ...] = ()
         self.tokens: torch.Tensor | None = None  # (templates x classes, context): row t * C + c
         self.val, self.num_train, self.context_length = None, 0, 0
+        self.pairs = False  # trained on image-caption pairs (CSV / shards), not prompts over class labels
         self.captions: list[str] | None = None  # CSV training: the caption of each training row
         self._choices: tuple[int, np.ndarray] | None = None  # (epoch, caption_choices of that epoch)
 
@@ -252,12 +262,47 @@ class ClipTask(Task):
         return {"mean": CLIP_MEAN, "std": CLIP_STD, "mixup": 0.0, "cutmix": 0.0}
 
     def load_data(self, img_size: int) -> ImageData | None:
-        """A .csv / .tsv `data_path` of (image path, caption) rows (open_clip's CsvDataset layout) as an indexed
-        training split whose labels are the row numbers; validation and test are `eval_data`'s labelled splits
-        (zero-shot), or empty. Anything else: None, the trainer's class-labelled images."""
+        """Image-caption pairs named by `data_path`: a .csv / .tsv of (image path, caption) rows (open_clip's
+        CsvDataset layout) as an indexed training split whose labels are the row numbers, or webdataset shards
+        streamed (`CaptionStream`: the captions travel with each batch). Validation and test are `eval_data`'s
+        labelled splits (zero-shot), or empty. Anything else: None, the trainer's class-labelled images."""
         cfg, c = self.cfg, self.clip
-        if cfg.data_path is None or Path(cfg.data_path).suffix.lower() not in (".csv", ".tsv"):
+        if not is_pairs(cfg.data_path):
             return None
+        self.pairs = True
+        train = self._pairs_split(img_size)
+        name = "shards" if isinstance(train, CaptionStream) else Path(cfg.data_path).stem
+        if c.eval_data is None:
+            log.info("%s: %d pairs; no eval_data, so no zero-shot evaluation", cfg.data_path, len(train))
+            empty = Split(
+                torch.zeros(0, dtype=torch.long), images=torch.zeros(0, 3, img_size, img_size, dtype=torch.uint8)
+            )
+            return ImageData(name, [], train, empty, empty)
+        ev = load_data(
+            None if c.eval_data == "digits" else c.eval_data,
+            img_size=img_size,
+            val_per_class=cfg.val_per_class,
+            seed=cfg.seed,
+            skip_bad=cfg.skip_bad_images,
+            workers=cfg.workers,
+        )
+        log.info("%s: %d pairs; zero-shot evaluation on %s", cfg.data_path, len(train), ev.summary())
+        return ImageData(name, ev.classes, train, ev.val, ev.test)
+
+    def _pairs_split(self, img_size: int) -> Split | CaptionStream:
+        """The training pairs of `data_path`: shards as a stream, a CSV's rows as an indexed split (their
+        captions kept in `self.captions`, looked up by index)."""
+        cfg, c = self.cfg, self.clip
+        if is_shards(cfg.data_path):
+            shards = ShardStream(
+                cfg.data_path,
+                size=img_size,
+                skip_bad=cfg.skip_bad_images,
+                shuffle_buffer=c.shuffle_buffer,
+                workers=cfg.workers,
+                num_samples=c.num_samples,
+            )
+            return CaptionStream(shards)
         path = Path(cfg.data_path)
         sep = c.csv_separator if c.csv_separator != "auto" else ("," if path.suffix.lower() == ".csv" else "\t")
         pairs = read_csv_pairs(
@@ -270,28 +315,12 @@ class ClipTask(Task):
             workers=cfg.workers,
         )
         self.captions = pairs.captions
-        train = Split(torch.arange(len(pairs)), paths=pairs.paths, load_size=img_size, workers=cfg.workers)
-        if c.eval_data is None:
-            log.info("%s: %d pairs; no eval_data, so no zero-shot evaluation", path, len(pairs))
-            empty = Split(
-                torch.zeros(0, dtype=torch.long), images=torch.zeros(0, 3, img_size, img_size, dtype=torch.uint8)
-            )
-            return ImageData(path.stem, [], train, empty, empty)
-        ev = load_data(
-            None if c.eval_data == "digits" else c.eval_data,
-            img_size=img_size,
-            val_per_class=cfg.val_per_class,
-            seed=cfg.seed,
-            skip_bad=cfg.skip_bad_images,
-            workers=cfg.workers,
-        )
-        log.info("%s: %d pairs; zero-shot evaluation on %s", path, len(pairs), ev.summary())
-        return ImageData(path.stem, ev.classes, train, ev.val, ev.test)
+        return Split(torch.arange(len(pairs)), paths=pairs.paths, load_size=img_size, workers=cfg.workers)
 
     def prepare_data(self, data: Any) -> None:
         """Class names and prompts of the data (of `eval_data` under CSV training); every (template, class) prompt
         tokenized once."""
-        from_digits = self.cfg.data_path is None if self.captions is None else self.clip.eval_data == "digits"
+        from_digits = self.clip.eval_data == "digits" if self.pairs else self.cfg.data_path is None
         digits = from_digits and list(data.classes) == [str(i) for i in range(10)]
         self.classnames, self.templates = class_prompts(
             list(data.classes), digits=digits, templates=self.clip.templates
@@ -319,8 +348,10 @@ class ClipTask(Task):
     # -- a step
     def caption_tokens(self, batch: Batch) -> torch.Tensor:
         """The token rows of the batch's captions: template of (index, epoch, seed), class from the label (CSV
-        training: the rows' own captions). A batch without dataset indices draws its templates from the step's
-        seeded RNG."""
+        training: the rows' own captions; shards: the captions streamed with the batch). A batch without
+        dataset indices draws its templates from the step's seeded RNG."""
+        if "captions" in batch.extras:
+            return tokenize(batch.extras["captions"], self.context_length).to(batch.images.device)
         if self.captions is not None:
             if batch.index is None:
                 raise ValueError("CSV captions are looked up by dataset index: pass `index` to train_step")
@@ -360,7 +391,8 @@ class ClipTask(Task):
 
     # -- evaluation and checkpoints
     def zeroshot(self, model: nn.Module) -> dict[str, float]:
-        """Zero-shot top-1 / top-5 of `model` on the validation split, with the training prompts."""
+        """Zero-shot top-1 / top-5 of `model` on the validation split, with the training prompts; each rank
+        scores its share of the images and the counts are summed."""
         ctx = self.ctx
         tok = lambda texts: tokenize(texts, self.context_length)  # noqa: E731
         classifier = zeroshot_classifier(model, self.classnames, self.templates, tok, ctx.device)
@@ -373,6 +405,9 @@ class ClipTask(Task):
             img_size=self.img_size(),
             batch_size=self.cfg.eval_batch_size,
             device=ctx.device,
+            rank=ctx.rank,
+            world=ctx.world,
+            reduce=ctx.all_reduce_sum,
             amp_dtype=ctx.amp_dtype,
         )
 
