@@ -71,6 +71,44 @@ def test_tokenizer_ids_match_open_clip(text, ids):
     assert default_tokenizer().encode(text) == ids
 
 
+def _open_clip_tokenizer_module():
+    """open_clip's own tokenizer.py, loaded as a lone module (importing the open_clip package would need
+    torchvision): the reference our ids are compared with."""
+    import importlib.metadata
+    import importlib.util
+
+    try:
+        files = importlib.metadata.files("open-clip-torch") or []
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("open-clip-torch is not installed")
+    path = next((f.locate() for f in files if str(f).replace("\\", "/") == "open_clip/tokenizer.py"), None)
+    if path is None:
+        pytest.skip("open-clip-torch has no open_clip/tokenizer.py")
+    spec = importlib.util.spec_from_file_location("_open_clip_tokenizer", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_tokenize_equals_open_clips_own_tokenizer_on_varied_text():
+    reference = _open_clip_tokenizer_module()
+    texts = [
+        "a photo of a dog",
+        "A Blurry PHOTO of the pickup_truck.",
+        "it's a cat's toy; they'll've gone",
+        "naïve café déjà vu — “quoted” text",
+        "Fish &amp; chips &amp;amp; more",
+        "numbers 12345 and 3.14159, emoji 🐶🚀",
+        "日本語のテキスト and ελληνικά",
+        "   spaces\tand\nnewlines   ",
+        "mojibake: cafÃ©",
+        "a very long caption " * 30,
+        "",
+    ]
+    for length in (77, 16):
+        assert torch.equal(tokenize(texts, length), reference.tokenize(texts, length)), length
+
+
 def test_tokenize_pads_truncates_keeping_eot_and_decodes():
     tok = tokenize(["a diagram", "a dog"])
     assert tok.dtype == torch.long and tok.shape == (2, 77)
