@@ -57,8 +57,10 @@ bench-ranking: $(STAMP)
 bench-darts: $(STAMP)
 	$(PY) benchmarks/darts_cifar.py --per-class 400 --epochs 7 --retrain-epochs 5 --retrain-seeds 0 1 --threads 1 --out runs/bench-darts
 
-# About 35 minutes on 2 cores (needs ../shared/data/cifar10): a teacher CLIP on CIFAR-10 captions, then a
-# half-size student by inheritance + affinity mimicking vs from scratch; zero-shot test top-1 of all three.
+# About an hour on 2 cores (needs ../shared/data/cifar10): a teacher CLIP on CIFAR-10 captions, then a
+# half-size student by inheritance + affinity mimicking vs from scratch vs automatic inheritance (masks, 2
+# progressive stages + fine-tune), and the auto arm's architecture from a random init (contrastive, and
+# affinity mimicking) as controls; zero-shot test top-1 of all six.
 bench-tinyclip: $(STAMP)
 	$(PY) benchmarks/tinyclip_cifar.py --data-path ../shared/data/cifar10 --teacher-epochs 4 --student-epochs 2 --threads 1 --out runs/bench-tinyclip
 
