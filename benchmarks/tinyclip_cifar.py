@@ -50,11 +50,11 @@ from vitnas.checkpoint import read_metadata
 from vitnas.data import load_data
 from vitnas.data.tokenizer import tokenize
 from vitnas.models.clip import CLIP_MEAN, CLIP_STD, CLIPConfig
-from vitnas.models.clip_inherit import L0Masks
 from vitnas.models.registry import create_model
 from vitnas.models.spec import load_model
 from vitnas.train import TrainConfig, Trainer
-from vitnas.train.tasks.clip import prune_checkpoint
+from vitnas.train.tasks.clip import clip_config_of, prune_checkpoint, stage_target
+from vitnas.train.tasks.clip import prunable_params as prunable
 from vitnas.zeroshot import evaluate_zeroshot, zeroshot_classifier
 
 log = logging.getLogger("tinyclip_cifar")
@@ -69,6 +69,12 @@ WARMUP_EPOCHS = 0.5  # the students' lr warm-up; an auto stage warms up over the
 
 
 def stage_cfg(args: argparse.Namespace, name: str, **kw) -> TrainConfig:
+    """A stage's TrainConfig. Students take `--student-seed` (weights, data order, prompts, augmentation) and,
+    when it differs from `--seed`, run in folders suffixed with it, next to the same teacher's other seeds."""
+    student = name != "teacher"
+    seed = args.student_seed if student else args.seed
+    if student and seed != args.seed:
+        name = f"{name}-seed{seed}"
     base = {
         "model": "clip_tiny",
         "data_path": args.data_path,
@@ -79,7 +85,7 @@ def stage_cfg(args: argparse.Namespace, name: str, **kw) -> TrainConfig:
         "warmup_epochs": WARMUP_EPOCHS,
         "weight_decay": 0.1,
         "val_per_class": args.val_per_class,
-        "seed": args.seed,
+        "seed": seed,
         "threads": args.threads,
         "amp": args.amp,
         "max_steps": args.max_steps,
@@ -142,18 +148,9 @@ def zeroshot_test(ckpt: Path, data) -> dict:
 
 
 # -- automatic inheritance ---------------------------------------------------------------------------
-def prunable(config: CLIPConfig) -> int:
-    """Parameters L0Masks can remove from a CLIP of `config`: attention and MLP of both towers."""
-    return sum(t.prunable() for t in L0Masks(config).towers.values())
-
-
 def registered_config(model_args: dict) -> CLIPConfig:
     with torch.device("meta"):
         return create_model("clip_tiny", **model_args).config
-
-
-def checkpoint_config(path: Path) -> CLIPConfig:
-    return CLIPConfig.from_dict(read_metadata(path)["model"]["config"])
 
 
 def towers_of(config: CLIPConfig) -> dict:
@@ -180,9 +177,9 @@ def auto_plan(args: argparse.Namespace, total: int) -> tuple[list[float], list[i
 def auto_stage(args, data, teacher: Path, k: int, start: Path | None, keep: float, steps: int, total: int) -> dict:
     """Masked stage k (1-based) from `start` (None: the teacher), to `keep` of the teacher's prunable
     parameters; trains, prunes, and describes the stage."""
-    t_prunable = prunable(registered_config(TEACHER))
-    start_prunable = prunable(checkpoint_config(start)) if start else t_prunable
-    target = max(0.0, 1 - keep * t_prunable / start_prunable)
+    t_config = registered_config(TEACHER)
+    t_prunable = prunable(t_config)
+    target = stage_target(t_config, clip_config_of(start) if start else t_config, 1 - keep)
     clip = {
         "context_length": args.context_length,
         "auto": True,
@@ -197,7 +194,7 @@ def auto_stage(args, data, teacher: Path, k: int, start: Path | None, keep: floa
     trainer, seconds = run(cfg, data, f"auto-{k}", trace)
     pruned = prune_checkpoint(trainer.ckpt_path, trainer.out)
     last = read_metadata(trainer.ckpt_path)["history"][-1]
-    config = checkpoint_config(pruned)
+    config = clip_config_of(pruned)
     return {
         "steps": steps,
         "keep_target_of_teacher": round(keep, 4),
@@ -227,7 +224,7 @@ def auto_stage_cfg(args, name: str, offset: int, teacher: Path, start: Path | No
         epochs=args.student_epochs,
         max_steps=steps,
         warmup_epochs=WARMUP_EPOCHS * steps / total,
-        seed=args.seed + offset,
+        seed=args.student_seed + offset,
         clip=clip,
     )
 
@@ -252,7 +249,7 @@ def run_auto(args, data, teacher: Path, total: int) -> tuple[Path, dict]:
         **settings,
         "stages": stages,
         "finetune_seconds": round(seconds, 1),
-        "towers": towers_of(checkpoint_config(trainer.ckpt_path)),
+        "towers": towers_of(clip_config_of(trainer.ckpt_path)),
     }
     info["train_seconds_this_run"] = round(seconds + sum(s["seconds"] for s in stages), 1)
     return trainer.ckpt_path, info
@@ -263,7 +260,7 @@ def auto_arch_args(pruned: Path) -> dict:
     """`model_args` that make the registered clip_tiny the pruned model's architecture (complete tower dicts,
     per-layer heads and MLP widths included, so nothing of clip_tiny's own towers survives the merge); exits
     unless the built model's parameters equal the pruned model's, tensor by tensor."""
-    model_args = checkpoint_config(pruned).to_dict()
+    model_args = clip_config_of(pruned).to_dict()
     with torch.device("meta"):
         built = create_model("clip_tiny", **model_args)
     model, _ = load_model(pruned)
@@ -302,6 +299,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--val-per-class", type=int, default=100, help="training images per class held out for val")
     p.add_argument("--context-length", type=int, default=16, help="caption tokens (the prompts need at most 14)")
     p.add_argument("--seed", type=int, default=0, help="seed of weights, data order, prompts and augmentation")
+    p.add_argument(
+        "--student-seed",
+        type=int,
+        help="seed of the students only (default: --seed); another value trains them again, in folders named "
+        "with it, from the same teacher and on the same validation split",
+    )
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--amp", default="off", help="autocast: off | bf16 | auto (see TrainConfig.amp)")
     p.add_argument(
@@ -352,6 +355,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
+    args.student_seed = args.seed if args.student_seed is None else args.student_seed
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
     t_start = time.perf_counter()
     data = load_data(args.data_path, img_size=32, val_per_class=args.val_per_class, seed=args.seed)

@@ -470,3 +470,35 @@ def test_torchrun_two_ranks_train_on_disjoint_shards_and_shard_zero_shot_evaluat
     classifier = zeroshot_classifier(model, clip["classnames"], clip["templates"], tok)
     one = evaluate_zeroshot(model, digits.val, classifier, mean=CLIP_MEAN, std=CLIP_STD, img_size=16)
     assert runs[0]["history"][-1]["val_top1"] == pytest.approx(one["top1"])
+
+
+def test_cli_progressive_stages_chain_pruned_students_with_relative_targets(tmp_path, teacher, capsys):
+    """`train-clip --progressive 0.3 0.6`: stage 1 masks the teacher towards 0.3, stage 2 starts from stage 1's
+    pruned model with the target that leaves 0.4 of the *teacher's* prunable parameters; a rerun with --resume
+    passes over the finished stages."""
+    from vitnas.checkpoint import read_metadata
+    from vitnas.train.tasks.clip import clip_config_of, prunable_params, stage_target
+
+    args = ["train-clip", "--method", "tinyclip", "--teacher", str(teacher), "--progressive", "0.3", "0.6"]
+    args += ["--img-size", "16", "--recipe", "digits", "--batch-size", "32", "--val-per-class", "10"]
+    args += ["--threads", "1", "--epochs", "1", "--max-steps", "12", "--out-dir", str(tmp_path)]
+    args += ["--clip", "context_length=12", "--clip", "sparsity_warmup=0", "--clip", "mask_lr=0.3"]
+    assert cli_main(args) == 0
+    t_cfg = clip_config_of(teacher)
+    pruned = [tmp_path / f"stage{k}" / "pruned.safetensors" for k in (1, 2)]
+    metas = [read_metadata(tmp_path / f"stage{k}" / "last.safetensors")["config"] for k in (1, 2)]
+    assert metas[0]["pretrained"] is None and metas[0]["clip"]["target_sparsity"] == pytest.approx(0.3)
+    assert metas[1]["pretrained"] == str(pruned[0])
+    expected = stage_target(t_cfg, clip_config_of(pruned[0]), 0.6)
+    assert metas[1]["clip"]["target_sparsity"] == pytest.approx(expected, abs=1e-6)
+    kept = [prunable_params(clip_config_of(p)) / prunable_params(t_cfg) for p in pruned]
+    assert 1.0 > kept[0] > kept[1]  # each stage pruned further
+    assert expected == pytest.approx(1 - 0.4 / kept[0])
+    assert "pruned student of the last stage" in capsys.readouterr().out
+    lasts = [tmp_path / f"stage{k}" / "last.safetensors" for k in (1, 2)]
+    mtimes = [p.stat().st_mtime_ns for p in lasts]
+    assert cli_main([*args, "--resume"]) == 0  # finished stages: nothing trains or saves again
+    assert [p.stat().st_mtime_ns for p in lasts] == mtimes
+    assert read_metadata(lasts[1])["config"]["pretrained"] == str(pruned[0])
+    assert cli_main([*args[:6], "0.6", "0.3", *args[8:], "--out-dir", str(tmp_path / "bad")]) == 2
+    assert "must rise" in capsys.readouterr().err

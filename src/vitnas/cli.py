@@ -345,12 +345,13 @@ def _train_config(args: argparse.Namespace, task: str):
     return TrainConfig.from_dict(overrides, source="command line")
 
 
-def _run_training(args: argparse.Namespace, task: str) -> int:
+def _run_training(args: argparse.Namespace, task: str, cfg=None) -> int:
+    """Train what the flags (or `cfg`, a TrainConfig built from them) say, with a progress bar."""
     from tqdm import tqdm
 
     from vitnas.train import Trainer
 
-    cfg = _train_config(args, task)
+    cfg = cfg or _train_config(args, task)
     bar = None
 
     def progress(info) -> None:
@@ -461,6 +462,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_train_clip(args: argparse.Namespace) -> int:
     from vitnas.train.tasks.clip import ClipConfig, prune_checkpoint
 
+    if args.progressive:
+        return _train_clip_progressive(args)
     code = _run_training(args, args.method)
     cfg = _train_config(args, args.method)
     if code == 0 and args.method == "tinyclip" and ClipConfig.from_dict(cfg.clip).auto:
@@ -470,6 +473,42 @@ def cmd_train_clip(args: argparse.Namespace) -> int:
             "with --pretrained)"
         )
     return code
+
+
+def _train_clip_progressive(args: argparse.Namespace) -> int:
+    """TinyCLIP's progressive automatic inheritance: one masked tinyclip stage per sparsity of --progressive
+    (shares of the teacher's prunable parameters), each in OUT_DIR/stage<k>, pruned, and the next stage started
+    from its pruned.safetensors with a target relative to that model. A rerun with --resume continues the stage
+    it stopped in and passes over finished ones."""
+    import dataclasses
+
+    from vitnas.train.tasks.clip import ClipConfig, clip_config_of, load_clip, prune_checkpoint, stage_target
+
+    cfg = _train_config(args, "tinyclip")
+    sparsities = list(args.progressive)
+    if args.method != "tinyclip" or cfg.model or not cfg.teacher:
+        raise ValueError(
+            "--progressive needs --method tinyclip and --teacher; the first stage's student is the teacher itself "
+            "(or --pretrained), not --model"
+        )
+    if any(not 0 < x < 1 for x in sparsities) or any(b <= a for a, b in zip(sparsities, sparsities[1:])):
+        raise ValueError(f"--progressive {sparsities}: sparsities of the teacher must rise within (0, 1)")
+    towers = ClipConfig.from_dict(cfg.clip).mask_towers()
+    teacher = load_clip(cfg.teacher, cfg.teacher_weights)[0].config
+    start = cfg.pretrained
+    for k, sparsity in enumerate(sparsities, start=1):
+        start_config = clip_config_of(start) if start else teacher
+        target = stage_target(teacher, start_config, sparsity, towers)
+        out = Path(cfg.out_dir) / f"stage{k}"
+        print(f"stage {k}/{len(sparsities)}: to sparsity {sparsity} of the teacher = {target:.4f} of {start or 'it'}")
+        clip = {**cfg.clip, "auto": True, "target_sparsity": round(target, 6)}
+        stage = dataclasses.replace(cfg, out_dir=str(out), pretrained=start, clip=clip)
+        code = _run_training(args, "tinyclip", stage)
+        if code:
+            return code
+        start = str(prune_checkpoint(out / "last.safetensors", out))
+    print(f"pruned student of the last stage: {start} (fine-tune it with --pretrained, or evaluate-zeroshot it)")
+    return 0
 
 
 def _checkpoint_zeroshot_data(args: argparse.Namespace, meta: dict):
@@ -584,6 +623,16 @@ def _add_clip_parsers(sub: argparse._SubParsersAction) -> None:
         "distilled into --model (weights inherited from the teacher by default), or into the masked teacher "
         "with --clip auto=true, whose pruned result is written to OUT_DIR/pruned.safetensors. Settings with "
         "--clip KEY=VALUE (ClipConfig: templates, context_length, logit_scale, alpha, init, auto, ...)",
+    )
+    tc.add_argument(
+        "--progressive",
+        type=float,
+        nargs="+",
+        metavar="SPARSITY",
+        help="tinyclip automatic inheritance in progressive stages: the share of the teacher's prunable "
+        "parameters removed after each stage, rising (TinyCLIP's scripts: 0.25 0.5 0.75). Each stage trains for "
+        "--epochs in OUT_DIR/stage<k> from the previous stage's pruned model (the first: the teacher) and is "
+        "pruned to OUT_DIR/stage<k>/pruned.safetensors",
     )
     _add_config_flags(tc)
     tc.set_defaults(func=cmd_train_clip)

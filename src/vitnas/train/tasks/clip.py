@@ -84,8 +84,11 @@ __all__ = [
     "ClipTask",
     "TinyClipTask",
     "class_prompts",
+    "clip_config_of",
     "load_clip",
+    "prunable_params",
     "prune_checkpoint",
+    "stage_target",
 ]
 
 log = logging.getLogger(__name__)
@@ -205,6 +208,19 @@ def load_clip(source: str | Path, weights: str | Path | None = None) -> tuple[CL
     model = CLIP(config_from_state_dict(sd))
     load_clip_weights(model, sd)
     return model.eval(), {"source": str(path)}
+
+
+def clip_config_of(path: str | Path) -> CLIPConfig:
+    """The architecture of the CLIP in a file: a vitnas checkpoint's model spec, or (an open_clip / TinyCLIP
+    weights file) read from the state dict's shapes."""
+    path = Path(path)
+    try:
+        spec = read_metadata(path)["model"]
+    except ValueError:  # not a vitnas checkpoint: an open_clip-layout weights file
+        return config_from_state_dict(convert_tinyclip_state_dict(read_state_dict(path)))
+    if spec.get("kind") != "clip":
+        raise ValueError(f"{path}: holds a {spec.get('kind')!r} model, not a CLIP")
+    return CLIPConfig.from_dict(spec["config"])
 
 
 def class_prompts(classes: list[str], *, digits: bool, templates: str = "auto") -> tuple[list[str], tuple[str, ...]]:
@@ -480,14 +496,7 @@ class TinyClipTask(ClipTask):
         if cfg.model:
             return _registered_clip(cfg.model, cfg.model_args, cfg.img_size, meta=True).config
         if cfg.pretrained:
-            path = Path(cfg.pretrained)
-            try:
-                spec = read_metadata(path)["model"]
-            except ValueError:  # not a vitnas checkpoint: an open_clip-layout weights file
-                return config_from_state_dict(convert_tinyclip_state_dict(read_state_dict(path)))
-            if spec.get("kind") != "clip":
-                raise ValueError(f"{path}: holds a {spec.get('kind')!r} model, not a CLIP")
-            return CLIPConfig.from_dict(spec["config"])
+            return clip_config_of(cfg.pretrained)
         return CLIPConfig.from_dict(self.teacher.config.to_dict())
 
     def model_config(self) -> CLIPConfig:
@@ -587,6 +596,26 @@ class TinyClipTask(ClipTask):
         with torch.no_grad():
             for k, v in self.masks.state_dict().items():
                 v.copy_(tensors[f"masks.{k}"])
+
+
+# -- progressive automatic inheritance -------------------------------------------------------------
+def prunable_params(config: CLIPConfig, towers: tuple[str, ...] = TOWERS) -> int:
+    """Parameters of a CLIP of `config` that the masks of `towers` count and can remove (attention and MLP)."""
+    return sum(t.prunable() for t in L0Masks(config, towers=towers).towers.values())
+
+
+def stage_target(teacher: CLIPConfig, start: CLIPConfig, sparsity: float, towers: tuple[str, ...] = TOWERS) -> float:
+    """The target sparsity of a progressive stage, relative to the model it starts from (`start`: the teacher, or
+    the previous stage's pruned model), that leaves `1 - sparsity` of the *teacher's* prunable parameters:
+    TinyCLIP's progressive 0.25 -> 0.5 -> 0.75 are shares of the teacher."""
+    t, s = prunable_params(teacher, towers), prunable_params(start, towers)
+    target = 1.0 - (1.0 - sparsity) * t / s
+    if target < 0:
+        raise ValueError(
+            f"a stage to sparsity {sparsity} of the teacher starts from a model that keeps only {s / t:.3f} of the "
+            "teacher's prunable parameters: the stages' sparsities must increase"
+        )
+    return target
 
 
 # -- pruning a finished automatic-inheritance stage -------------------------------------------------
