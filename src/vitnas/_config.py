@@ -55,6 +55,16 @@ def _convert(value: Any, kind: str, name: str, source: str) -> Any:
     return value
 
 
+def from_known_keys(cls: type, data: dict[str, Any] | None, source: str) -> Any:
+    """`cls(**data)` for a config dataclass, after refusing any key that is not one of its fields (a typo in a
+    YAML section or a KEY=VALUE flag is an error naming the section, not silently ignored)."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data or {}:
+        if key not in names:
+            raise ValueError(f"{source}: unknown key {key!r}; expected one of {names}")
+    return cls(**(data or {}))
+
+
 def check_fields(obj: Any, source: str) -> None:
     """Convert and check every field of a dataclass instance in place."""
     for f in dataclasses.fields(obj):

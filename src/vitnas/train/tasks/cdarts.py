@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitnas._config import check_fields, check_range
+from vitnas._config import check_fields, check_range, from_known_keys
 from vitnas.space import load_space
 from vitnas.space.darts import DartsSpace, Genotype
 from vitnas.supernet.darts import CDARTSSupernet, DartsSupernet
@@ -79,11 +79,7 @@ class DartsSearchConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> DartsSearchConfig:
-        names = [f.name for f in dataclasses.fields(cls)]
-        for key in data or {}:
-            if key not in names:
-                raise ValueError(f"darts: unknown key {key!r}; expected one of {names}")
-        return cls(**(data or {}))
+        return from_known_keys(cls, data, "darts")
 
 
 def cdarts_step_loss(

@@ -31,7 +31,6 @@ with a target relative to that stage's starting model; the mask learning rates s
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 from dataclasses import dataclass
@@ -42,7 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from vitnas._config import check_fields, check_range
+from vitnas._config import check_fields, check_range, from_known_keys
 from vitnas.checkpoint import read_checkpoint, read_metadata, save_checkpoint
 from vitnas.data.augment import AugmentConfig, BatchAugment
 from vitnas.data.datasets import ImageData, Split, load_data
@@ -149,11 +148,7 @@ class ClipConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> ClipConfig:
-        names = [f.name for f in dataclasses.fields(cls)]
-        for key in data or {}:
-            if key not in names:
-                raise ValueError(f"clip: unknown key {key!r}; expected one of {names}")
-        return cls(**(data or {}))
+        return from_known_keys(cls, data, "clip")
 
     def mask_towers(self) -> tuple[str, ...]:
         return TOWERS if self.towers == "both" else (self.towers,)

@@ -21,7 +21,6 @@ Where this differs from the reference (microsoft/Cream `Cream/lib`), on purpose:
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -31,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from vitnas._config import check_fields, check_range
+from vitnas._config import check_fields, check_range, from_known_keys
 from vitnas.train.tasks.base import Batch, StepResult, TaskContext, register_task, soft_cross_entropy
 from vitnas.train.tasks.supernet import SupernetTask, sample_step_archs
 
@@ -66,11 +65,7 @@ class CreamConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> CreamConfig:
-        names = [f.name for f in dataclasses.fields(cls)]
-        for key in data or {}:
-            if key not in names:
-                raise ValueError(f"cream: unknown key {key!r}; expected one of {names}")
-        return cls(**(data or {}))
+        return from_known_keys(cls, data, "cream")
 
 
 @dataclass
