@@ -485,6 +485,7 @@ def test_cli_progressive_stages_chain_pruned_students_with_relative_targets(tmp_
     args += ["--clip", "context_length=12", "--clip", "sparsity_warmup=0", "--clip", "mask_lr=0.3"]
     assert cli_main(args) == 0
     t_cfg = clip_config_of(teacher)
+    assert clip_config_of("clip_tiny") == vitnas.create_model("clip_tiny").config  # registered: no weights built
     pruned = [tmp_path / f"stage{k}" / "pruned.safetensors" for k in (1, 2)]
     metas = [read_metadata(tmp_path / f"stage{k}" / "last.safetensors")["config"] for k in (1, 2)]
     assert metas[0]["pretrained"] is None and metas[0]["clip"]["target_sparsity"] == pytest.approx(0.3)

@@ -464,8 +464,8 @@ def cmd_train_clip(args: argparse.Namespace) -> int:
 
     if args.progressive:
         return _train_clip_progressive(args)
-    code = _run_training(args, args.method)
     cfg = _train_config(args, args.method)
+    code = _run_training(args, args.method, cfg)
     if code == 0 and args.method == "tinyclip" and ClipConfig.from_dict(cfg.clip).auto:
         out = prune_checkpoint(Path(cfg.out_dir) / "last.safetensors", cfg.out_dir)
         print(
@@ -482,7 +482,7 @@ def _train_clip_progressive(args: argparse.Namespace) -> int:
     it stopped in and passes over finished ones."""
     import dataclasses
 
-    from vitnas.train.tasks.clip import ClipConfig, clip_config_of, load_clip, prune_checkpoint, stage_target
+    from vitnas.train.tasks.clip import ClipConfig, clip_config_of, prune_checkpoint, stage_target
 
     cfg = _train_config(args, "tinyclip")
     sparsities = list(args.progressive)
@@ -494,7 +494,7 @@ def _train_clip_progressive(args: argparse.Namespace) -> int:
     if any(not 0 < x < 1 for x in sparsities) or any(b <= a for a, b in zip(sparsities, sparsities[1:])):
         raise ValueError(f"--progressive {sparsities}: sparsities of the teacher must rise within (0, 1)")
     towers = ClipConfig.from_dict(cfg.clip).mask_towers()
-    teacher = load_clip(cfg.teacher, cfg.teacher_weights)[0].config
+    teacher = clip_config_of(cfg.teacher)  # the architecture only: each stage's trainer loads the weights
     start = cfg.pretrained
     for k, sparsity in enumerate(sparsities, start=1):
         start_config = clip_config_of(start) if start else teacher

@@ -205,10 +205,12 @@ def load_clip(source: str | Path, weights: str | Path | None = None) -> tuple[CL
     return model.eval(), {"source": str(path)}
 
 
-def clip_config_of(path: str | Path) -> CLIPConfig:
-    """The architecture of the CLIP in a file: a vitnas checkpoint's model spec, or (an open_clip / TinyCLIP
-    weights file) read from the state dict's shapes."""
-    path = Path(path)
+def clip_config_of(source: str | Path) -> CLIPConfig:
+    """The architecture of a CLIP without building it: a registered CLIP's config, a vitnas checkpoint's model
+    spec, or (an open_clip / TinyCLIP weights file) read from the state dict's shapes."""
+    if str(source) in list_models():
+        return _registered_clip(str(source), {}, None, meta=True).config
+    path = Path(source)
     try:
         spec = read_metadata(path)["model"]
     except ValueError:  # not a vitnas checkpoint: an open_clip-layout weights file
